@@ -1,0 +1,37 @@
+"""Build tkd: the Python package `tkd_core`, the Triton kernels mapped in as `tkd_core.kernels`,
+and the compiled INT8 GEMM extension `tkd_core._C` (pybind11; CUDA part only where nvcc exists).
+
+`kernels/` is installed as `tkd_core.kernels`, never as a top-level `kernels` package: a different
+PyPI project owns that name.
+"""
+import os
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "csrc"))
+
+try:  # csrc/build_ext.py owns the extension build (CPU always, CUDA when nvcc is found)
+    from build_ext import extension_kwargs
+except ImportError:  # the extension sources are not there yet: pure-Python install
+    def extension_kwargs():
+        return {}
+
+setup(
+    name="tkd",
+    version="0.1.0",
+    description="Fused Triton kernels, an INT8 GEMM extension and a distillation trainer for "
+                "Transformer knowledge distillation (TKD-NLP) on GLUE",
+    python_requires=">=3.9",
+    packages=["tkd_core", "tkd_core.kernels", "bench"],
+    package_dir={"tkd_core": "tkd_core", "tkd_core.kernels": "kernels", "bench": "bench"},
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy>=1.24"],
+    extras_require={
+        "train": ["tokenizers>=0.15", "datasets>=2.18", "tqdm>=4.66", "safetensors>=0.4",
+                  "matplotlib>=3.7"],
+        "test": ["pytest>=7", "hypothesis>=6"],
+    },
+    zip_safe=False,
+    **extension_kwargs(),
+)

@@ -1,0 +1,9 @@
+"""tkd: fused kernels and a distillation trainer for Transformer knowledge distillation (TKD-NLP).
+
+    import tkd_core
+    y = tkd_core.ops.layer_norm(x, weight, bias)          # fused Triton kernel on CUDA
+    tkd_core.ops.backend(x)                               # "triton" | "interpreter" | "reference"
+"""
+from . import ops, nn  # noqa: F401
+
+__version__ = "0.1.0"
