@@ -24,8 +24,9 @@ setup(
     description="Fused Triton kernels, an INT8 GEMM extension and a distillation trainer for "
                 "Transformer knowledge distillation (TKD-NLP) on GLUE",
     python_requires=">=3.9",
-    packages=["tkd_core", "tkd_core.kernels", "bench"],
-    package_dir={"tkd_core": "tkd_core", "tkd_core.kernels": "kernels", "bench": "bench"},
+    # bench/ runs from the source tree (`python -m bench`); it is not installed.
+    packages=["tkd_core", "tkd_core.kernels"],
+    package_dir={"tkd_core": "tkd_core", "tkd_core.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy>=1.24"],
     extras_require={
         "train": ["tokenizers>=0.15", "datasets>=2.18", "tqdm>=4.66", "safetensors>=0.4",
