@@ -38,6 +38,8 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature=1.0, alpha=0.5, ignore_index=-100, reduction="mean"):
         super().__init__()
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
         self.temperature, self.alpha = temperature, alpha
         self.ignore_index, self.reduction = ignore_index, reduction
 

@@ -1,0 +1,385 @@
+"""kd_loss: the fused Triton kernels (in Triton's interpreter) and the torch reference path,
+against an independent float64 reference with autograd for the student gradient."""
+import itertools
+
+import pytest
+import torch
+
+import tkd_core
+from tkd_core.kernels import kd_loss as kd
+from tkd_core.kernels import utils
+from helpers import DTYPES, assert_close
+
+# The loss is accumulated in fp32 from the exact input values: fp32-level error for every dtype.
+LOSS_TOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+# The gradient is stored in the logits' dtype and rounded twice (forward, then x grad_output).
+GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+IGNORE = -100
+
+
+# ------------------------------------------------------------------------------------------
+# float64 reference (independent of kernels/kd_loss.py: logsumexp + gather for the CE term)
+# ------------------------------------------------------------------------------------------
+
+def ref64(s, t, labels, T, alpha, ignore_index=IGNORE, reduction="mean"):
+    s, t = s.double(), t.double()
+    log_ps = torch.log_softmax(s / T, dim=-1)
+    log_pt = torch.log_softmax(t / T, dim=-1)
+    pt = log_pt.exp()
+    kl = T * T * torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt)).sum(-1)
+    if labels is None:
+        rows, count = kl, s.shape[0]
+    else:
+        keep = labels != ignore_index
+        safe = torch.where(keep, labels, 0).long()
+        ce = torch.logsumexp(s, dim=-1) - s.gather(1, safe[:, None]).squeeze(1)
+        rows = torch.where(keep, alpha * kl + (1 - alpha) * ce, torch.zeros_like(kl))
+        count = int(keep.sum())
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / max(count, 1)
+
+
+def make_labels(N, V, mode):
+    """'kept': random labels; 'some': every third row ignored; 'all': every row ignored; None."""
+    if mode is None:
+        return None
+    y = torch.randint(0, V, (N,))
+    if mode == "all":
+        y[:] = IGNORE
+    elif mode == "some":
+        y[::3] = IGNORE
+    return y
+
+
+def grad_output_like(loss):
+    # not ones: a random scalar, or random per-row values for "none"
+    return torch.rand_like(loss) * 2 + 0.5
+
+
+def run_and_check(N, V, dtype, label_mode, reduction, T, alpha, scale=3.0):
+    s = (torch.randn(N, V) * scale).to(dtype)
+    t = (torch.randn(N, V) * scale).to(dtype)
+    y = make_labels(N, V, label_mode)
+    s_ours = s.clone().requires_grad_()
+    loss = tkd_core.ops.kd_loss(s_ours, t, y, temperature=T, alpha=alpha, reduction=reduction)
+    assert loss.dtype == torch.float32
+    go = grad_output_like(loss)
+    loss.backward(go)
+
+    s64 = s.double().requires_grad_()
+    ref = ref64(s64, t, y, T, alpha, reduction=reduction)
+    ref.backward(go.double())
+    what = f"N={N} V={V} {dtype} labels={label_mode} {reduction} T={T} alpha={alpha}"
+    assert_close(loss, ref, LOSS_TOL[dtype], f"loss {what}")
+    assert s_ours.grad.dtype == dtype
+    assert_close(s_ours.grad, s64.grad, GRAD_TOL[dtype], f"grad {what}")
+    return loss, s_ours.grad
+
+
+# ------------------------------------------------------------------------------------------
+# Interpreter path: sweep
+# ------------------------------------------------------------------------------------------
+
+SHAPES = [(n, v) for n in (1, 3) for v in (1, 2, 7, 768, 1000, 4099)] + [(257, 2), (2, 32000)]
+LABEL_MODES, REDUCTIONS = ("some", None, "kept", "all"), ("mean", "sum", "none")
+TEMPS, ALPHAS = (1.0, 2.0, 4.0, 1.5), (0.5, 0.0, 1.0, 0.3, 0.9)
+
+
+def _sweep():
+    """Every shape x dtype once, rotating labels / reduction / T / alpha over the sweep so that
+    no knob is tied to one dtype (257 rows is slow in the interpreter: small V only)."""
+    cases = []
+    for k, (n, v) in enumerate(SHAPES):
+        for d, dt in enumerate(DTYPES):
+            mode = LABEL_MODES[(k + 2 * d) % 4]
+            if mode == "all" and n * v > 1000:  # keep the large cases doing real work
+                mode = "some"
+            cases.append((n, v, dt, mode, REDUCTIONS[(k + d) % 3], TEMPS[(k + d) % 4],
+                          ALPHAS[(2 * k + d) % 5]))
+    return cases
+
+
+SWEEP = _sweep()
+COMBOS = list(itertools.product(("some", None, "all"), REDUCTIONS))
+
+
+@pytest.mark.parametrize("N,V,dtype,label_mode,reduction,T,alpha", SWEEP)
+def test_sweep_against_float64(N, V, dtype, label_mode, reduction, T, alpha):
+    run_and_check(N, V, dtype, label_mode, reduction, T, alpha)
+
+
+@pytest.mark.parametrize("label_mode,reduction", COMBOS)
+def test_labels_and_reductions(label_mode, reduction):
+    loss, grad = run_and_check(7, 300, torch.float32, label_mode, reduction, T=2.0, alpha=0.4)
+    if label_mode == "all":  # nothing counts: zero loss ("mean" is 0, not NaN), zero gradient
+        assert torch.count_nonzero(loss) == 0 and torch.count_nonzero(grad) == 0
+
+
+def test_largest_vocabulary_one_row():
+    run_and_check(1, kd.MAX_V, torch.bfloat16, "kept", "sum", T=2.0, alpha=0.5)
+
+
+def test_ignored_rows_have_zero_loss_and_grad_and_are_not_averaged():
+    N, V = 5, 33
+    s, t = torch.randn(N, V, requires_grad=True), torch.randn(N, V)
+    y = torch.tensor([3, IGNORE, 0, IGNORE, 32])
+    rows = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.5, reduction="none")
+    assert rows[1] == 0 and rows[3] == 0 and (rows[[0, 2, 4]] > 0).all()
+    mean = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.5, reduction="mean")
+    assert_close(mean, rows.sum() / 3, 1e-6, "mean over the 3 counted rows")
+    mean.backward()
+    assert torch.count_nonzero(s.grad[[1, 3]]) == 0 and torch.count_nonzero(s.grad[[0, 2, 4]])
+
+
+def test_no_labels_ignores_alpha():
+    s, t = torch.randn(4, 50), torch.randn(4, 50)
+    a = tkd_core.ops.kd_loss(s, t, None, 3.0, alpha=0.1)
+    b = tkd_core.ops.kd_loss(s, t, None, 3.0, alpha=0.9)
+    assert a == b
+    assert_close(a, ref64(s, t, None, 3.0, 0.0), 1e-5, "T^2 KL alone")
+
+
+def test_outputs_poisoned_then_fully_written():
+    assert utils.poison_requested()  # conftest: every launcher buffer starts as NaN
+    N, V = 6, 70
+    s, t = torch.randn(N, V), torch.randn(N, V)
+    y = make_labels(N, V, "some")
+    rows, grad = kd.kd_loss_fwd(s, t, y, 2.0, 0.5, IGNORE, "none", compute_grad=True)
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
+    out = kd.kd_loss_bwd(grad, torch.rand(N))
+    assert torch.isfinite(out).all()
+    loss, g = kd.kd_loss_fwd(s, t, y, 2.0, 0.5, IGNORE, "mean", compute_grad=False)
+    assert torch.isfinite(loss) and g.numel() == 0  # no gradient work without requires_grad
+
+
+def test_teacher_gets_no_gradient_and_retain_graph_is_repeatable():
+    s = torch.randn(3, 20, requires_grad=True)
+    t = torch.randn(3, 20, requires_grad=True)
+    loss = tkd_core.ops.kd_loss(s, t, torch.tensor([1, 2, 3]), 2.0, 0.5, reduction="sum")
+    loss.backward(torch.tensor(0.7), retain_graph=True)
+    g1 = s.grad.clone()
+    loss.backward(torch.tensor(0.7))  # the saved gradient was not scaled in place
+    assert_close(s.grad, 2 * g1, 1e-6, "second backward")
+    assert t.grad is None
+
+
+def test_student_only_requires_grad_through_teacher_is_fine():
+    s = torch.randn(3, 20)
+    t = torch.randn(3, 20, requires_grad=True)
+    loss = tkd_core.ops.kd_loss(s, t, None, 2.0)
+    assert not loss.requires_grad and t.grad is None
+
+
+def test_mixed_dtypes_noncontiguous_and_int32_labels():
+    s = torch.randn(6, 20, dtype=torch.float16).T  # non-contiguous (20, 6), column stride 20
+    t = torch.randn(20, 6, dtype=torch.float32)
+    y = torch.randint(0, 6, (20,), dtype=torch.int32)
+    loss = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.5)
+    assert_close(loss, ref64(s, t.half(), y, 2.0, 0.5), 1e-4, "fp16 student, fp32 teacher")
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_batch(reduction):
+    s = torch.randn(0, 10, requires_grad=True)
+    loss = tkd_core.ops.kd_loss(s, torch.randn(0, 10), torch.zeros(0, dtype=torch.long),
+                                reduction=reduction)
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    if reduction != "none":
+        assert loss.item() == 0.0
+    loss.sum().backward()
+    assert s.grad.shape == (0, 10)
+
+
+# ------------------------------------------------------------------------------------------
+# Numerical stability: huge magnitudes, -inf masks
+# ------------------------------------------------------------------------------------------
+
+def stability_inputs(kind, N=4, V=300, dtype=torch.float32):
+    s, t = torch.randn(N, V), torch.randn(N, V)
+    if kind == "1e4":
+        s, t = s * 1e4, t * 1e4
+    elif kind == "masked_both":  # masked classes: -inf in student and teacher at one place
+        mask = torch.rand(N, V) < 0.3
+        mask[:, :5] = False  # every row keeps a few classes (labels are drawn from them)
+        s, t = s.masked_fill(mask, float("-inf")), t.masked_fill(mask, float("-inf"))
+    elif kind == "masked_teacher":  # teacher -inf where the student is finite
+        mask = torch.rand(N, V) < 0.3
+        mask[:, :5] = False
+        t = t.masked_fill(mask, float("-inf"))
+    elif kind == "masked_tile":  # a whole column tile of -inf before any finite value
+        V = 2 * kd.fwd_config(5000)["BLOCK"] + 7
+        s, t = torch.randn(N, V), torch.randn(N, V)
+        s[:, :V - 9] = float("-inf")
+        t[:, :V - 9] = float("-inf")
+    return s.to(dtype), t.to(dtype), torch.randint(V - 5 if kind == "masked_tile" else 0,
+                                                      V if kind == "masked_tile" else 5, (N,))
+
+
+@pytest.mark.parametrize("kind,dtype", [
+    *itertools.product(["1e4", "masked_both", "masked_teacher"], DTYPES),
+    ("masked_tile", torch.float32)])
+def test_stability_finite_and_matches_reference(kind, dtype):
+    s, t, y = stability_inputs(kind, dtype=dtype)
+    for labels in (y, None):
+        s_ours = s.clone().requires_grad_()
+        loss = tkd_core.ops.kd_loss(s_ours, t, labels, 2.0, 0.7, reduction="none")
+        go = grad_output_like(loss)
+        loss.backward(go)
+        assert torch.isfinite(loss).all() and torch.isfinite(s_ours.grad).all()
+        s64 = s.double().requires_grad_()
+        ref = ref64(s64, t, labels, 2.0, 0.7, reduction="none")
+        ref.backward(go.double())
+        assert torch.isfinite(ref).all() and torch.isfinite(s64.grad).all()
+        # logits of 1e4 carry absolute rounding ~1e-3 into exp(): a looser tolerance
+        tol = 1e-3 if kind == "1e4" else LOSS_TOL[dtype]
+        assert_close(loss, ref, tol, f"loss {kind} {dtype}")
+        assert_close(s_ours.grad, s64.grad, max(tol, GRAD_TOL[dtype]), f"grad {kind} {dtype}")
+
+
+# ------------------------------------------------------------------------------------------
+# Reference path (the fast CPU path)
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("label_mode,reduction", [("some", "mean"), (None, "none"),
+                                                  ("all", "mean"), ("some", "sum")])
+def test_reference_path(reference_backend, label_mode, reduction):
+    s = torch.randn(9, 101, dtype=torch.bfloat16)
+    assert tkd_core.ops.backend(s) == "reference"
+    t = torch.randn(9, 101, dtype=torch.bfloat16)
+    y = make_labels(9, 101, label_mode)
+    s_ours = s.clone().requires_grad_()
+    loss = tkd_core.ops.kd_loss(s_ours, t, y, 2.0, 0.3, reduction=reduction)
+    go = grad_output_like(loss)
+    loss.backward(go)
+    s64 = s.double().requires_grad_()
+    ref = ref64(s64, t, y, 2.0, 0.3, reduction=reduction)
+    ref.backward(go.double())
+    assert_close(loss, ref, 1e-5, "reference loss")
+    assert_close(s_ours.grad, s64.grad, GRAD_TOL[torch.bfloat16], "reference grad")
+
+
+@pytest.mark.parametrize("kind", ["1e4", "masked_both", "masked_teacher"])
+def test_reference_path_stability(reference_backend, kind):
+    s, t, y = stability_inputs(kind)
+    s = s.requires_grad_()
+    loss = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.7)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    tol = 1e-3 if kind == "1e4" else 1e-5
+    assert_close(loss, ref64(s, t, y, 2.0, 0.7), tol, f"reference {kind}")
+
+
+def test_reference_path_rejects_bad_label(reference_backend):
+    with pytest.raises(ValueError, match="labels must be in"):
+        tkd_core.ops.kd_loss(torch.randn(2, 5), torch.randn(2, 5), torch.tensor([1, 5]))
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------
+
+def _bad_cases():
+    s, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, IGNORE])
+    return [
+        (dict(teacher_logits=torch.randn(4, 11)), ValueError, "teacher_logits must have the shape"),
+        (dict(student_logits=torch.randn(4, 10, 1), teacher_logits=torch.randn(4, 10, 1)),
+         ValueError, "student_logits must be 2-D"),
+        (dict(teacher_logits=torch.randn(40)), ValueError, "teacher_logits must be 2-D"),
+        (dict(student_logits=torch.ones(4, 10, dtype=torch.int32)), TypeError,
+         "student_logits must have dtype"),
+        (dict(teacher_logits=torch.ones(4, 10, dtype=torch.int64)), TypeError,
+         "teacher_logits must have dtype"),
+        (dict(teacher_logits=torch.randn(4, 10, device="meta")), ValueError,
+         "teacher_logits is on meta"),
+        (dict(labels=torch.zeros(4, dtype=torch.long, device="meta")), ValueError,
+         "labels is on meta"),
+        (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, r"labels must have shape \(4,\)"),
+        (dict(labels=torch.zeros(4, 1, dtype=torch.long)), ValueError, "labels must be 1-D"),
+        (dict(labels=torch.zeros(4)), TypeError, "labels must have dtype"),
+        (dict(labels=torch.tensor([0, 10, 1, 2])), ValueError, r"labels must be in \[0, 10\)"),
+        (dict(labels=torch.tensor([0, -1, 1, 2])), ValueError, r"labels must be in \[0, 10\)"),
+        (dict(temperature=0.0), ValueError, "temperature must be"),
+        (dict(temperature=-1.0), ValueError, "temperature must be"),
+        (dict(alpha=1.5), ValueError, r"alpha must be a number in \[0, 1\]"),
+        (dict(alpha=-0.1), ValueError, r"alpha must be a number in \[0, 1\]"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    ], dict(student_logits=s, teacher_logits=t, labels=y)
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases()[0])))
+def test_bad_input_names_the_argument(case):
+    cases, base = _bad_cases()
+    override, exc, match = cases[case]
+    with pytest.raises(exc, match=match):
+        tkd_core.ops.kd_loss(**dict(base, **override))
+
+
+def test_ignore_index_value_is_not_a_bad_label():
+    y = torch.tensor([0, 7, 1])
+    loss = tkd_core.ops.kd_loss(torch.randn(3, 4), torch.randn(3, 4), y, ignore_index=7,
+                                reduction="none")
+    assert loss[1] == 0
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile, module, AOT configuration list
+# ------------------------------------------------------------------------------------------
+
+def test_torch_compile_fullgraph():
+    def f(s, t, y):
+        return tkd_core.ops.kd_loss(s, t, y, temperature=2.0, alpha=0.3) * 2
+
+    s, t = torch.randn(5, 37), torch.randn(5, 37)
+    y = torch.tensor([0, IGNORE, 36, 4, 5])
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(s1, t, y)
+    out.backward()
+    ref = f(s2, t, y)
+    ref.backward()
+    assert_close(out, ref, 1e-6, "compiled loss")
+    assert_close(s1.grad, s2.grad, 1e-6, "compiled grad")
+    with pytest.raises(ValueError, match="labels must be in"):  # checked inside the op
+        compiled(s1, t, torch.tensor([0, 1, 2, 3, 37]))
+
+
+def test_fake_implementation_shapes():
+    s = torch.randn(3, 8)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fs, ft = mode.from_tensor(s), mode.from_tensor(s)
+        loss, grad = kd._kd_loss_fwd_op(fs, ft, None, 1.0, 0.5, IGNORE, "none", True)
+        assert loss.shape == (3,) and grad.shape == (3, 8)
+        loss, grad = kd._kd_loss_fwd_op(fs, ft, None, 1.0, 0.5, IGNORE, "sum", False)
+        assert loss.shape == () and grad.numel() == 0
+
+
+def test_kd_loss_module():
+    m = tkd_core.nn.KDLoss(temperature=2.0, alpha=0.25, reduction="sum")
+    assert "temperature=2.0" in repr(m) and not m.state_dict()
+    s = torch.randn(4, 30, requires_grad=True)
+    t = torch.randn(4, 30)
+    y = torch.tensor([1, IGNORE, 2, 29])
+    loss = m(s, t, y)
+    loss.backward()
+    assert_close(loss, ref64(s, t, y, 2.0, 0.25, reduction="sum"), 1e-5, "KDLoss")
+    assert_close(m(s, t), ref64(s, t, None, 2.0, 0.25, reduction="sum"), 1e-5, "KDLoss soft")
+    with pytest.raises(ValueError, match="reduction"):
+        tkd_core.nn.KDLoss(reduction="avg")
+
+
+def test_aot_specs_cover_every_launch_configuration():
+    specs = {(sp.label.split()[0], sp.constexprs.get("BLOCK"), sp.signature.get("s_ptr") or
+              sp.signature["g_ptr"], sp.constexprs.get("HAS_LABELS"),
+              sp.constexprs.get("COMPUTE_GRAD"), sp.num_warps) for sp in kd.aot_specs()}
+    Vs = sorted({1, 2, 7, 4099, kd.MAX_V} | {2**k + d for k in range(19) for d in (-1, 0, 1)})
+    for V, dtype, has_labels, grad in itertools.product(Vs, DTYPES, (True, False), (True, False)):
+        ptr = "*" + utils.TRITON_DTYPE[dtype]
+        cfg = kd.fwd_config(V)
+        assert ("kd_loss_fwd", cfg["BLOCK"], ptr, has_labels, grad, cfg["num_warps"]) in specs, V
+        b = kd.bwd_config(V)
+        assert ("kd_loss_bwd", b["BLOCK"], ptr, None, None, b["num_warps"]) in specs, V
+    assert len(specs) <= 30  # bucketed heuristics keep the compiled set small
