@@ -222,6 +222,11 @@ def train_tokenizer(corpus, vocab_size: int = 8000):
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                         min_frequency=1, show_progress=False)
     tok.train_from_iterator(corpus, trainer)
+    # the trainer's ids follow a hash-map order that changes between processes: renumber
+    # canonically (special tokens first, then sorted) so a seed gives the same ids everywhere
+    rest = sorted(t for t in tok.get_vocab() if t not in SPECIAL_TOKENS)
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + rest)}
+    tok = _normalization(Tokenizer(models.WordPiece(vocab, unk_token=UNK)))
     return _bert_template(tok)
 
 
