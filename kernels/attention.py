@@ -372,20 +372,30 @@ def block_d(D: int) -> int:
 def launch_config(kind: str, D: int, dtype: torch.dtype) -> dict:
     """Tile sizes, warps and stages per kernel kind ("fwd", "dkdv", "dq", "pre"), head-dim tile
     and dtype. Chosen so every configuration compiles with zero spills and fits the shared
-    memory of sm_80 and sm_90 (checked by tests/test_aot.py)."""
+    memory of sm_80 and sm_90 (checked by tests/test_aot.py): the Philox dropout and the masks
+    cost registers, hence 8 warps from BLOCK_D = 64 on. fp32 uses IEEE (FMA) dots with smaller
+    tiles: it is the accuracy path, not the fast one."""
     bd = block_d(D)
-    half = dtype in (torch.float16, torch.bfloat16)
+    warps = 4 if bd <= 32 else 8
+    padded = D != bd  # masked head-dim columns cost registers (unvectorized loads/stores)
     if kind == "pre":
         return dict(BLOCK_M=64, num_warps=4, num_stages=1)
-    if kind == "fwd":
-        if half:
-            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if bd <= 64 else 8, num_stages=3)
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4 if bd <= 64 else 8, num_stages=2)
-    if kind in ("dkdv", "dq"):
-        if half:
-            return dict(BLOCK_M=64 if kind == "dq" else 32, BLOCK_N=32 if kind == "dq" else 64,
-                        num_warps=4 if bd <= 64 else 8, num_stages=2)
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if bd <= 64 else 8, num_stages=1)
+    if dtype in (torch.float16, torch.bfloat16):
+        if kind == "fwd":
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=warps, num_stages=3)
+        if kind == "dkdv":
+            return dict(BLOCK_M=32, BLOCK_N=32 if padded else 64, num_warps=warps, num_stages=2)
+        if kind == "dq":
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4 if bd <= 64 and not padded else 8,
+                        num_stages=2)
+    else:
+        if kind == "fwd":
+            return dict(BLOCK_M=64 if bd <= 64 else 32, BLOCK_N=32, num_warps=8, num_stages=2)
+        if kind == "dkdv":
+            return dict(BLOCK_M=32 if bd <= 64 else 16, BLOCK_N=32, num_warps=4 if bd <= 64 else 8,
+                        num_stages=1)
+        if kind == "dq":
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if bd <= 64 else 8, num_stages=1)
     raise ValueError(f"unknown kernel kind {kind!r}")
 
 
@@ -489,7 +499,7 @@ def attention_dropout_mask(B, H, S_q, S_k, dropout_p, seed, device) -> torch.Ten
     seed = seed.to(device=device, dtype=torch.int64).reshape(1)
     keep = utils.empty((B * H, S_q, S_k), dtype=torch.uint8, device=device)
     utils.ensure_launchable(_dropout_mask_kernel, utils.backend(keep))
-    BM, BN = 32, 32
+    BM, BN = 64, 64
     _dropout_mask_kernel[(triton.cdiv(S_q, BM), triton.cdiv(S_k, BN), B * H)](
         seed, keep, S_q, S_k, float(dropout_p), BLOCK_M=BM, BLOCK_N=BN)
     return keep.view(B, H, S_q, S_k).bool()
@@ -674,25 +684,22 @@ def _spec(label, kernel, kind, D, dtype, flags):
 
 
 def aot_specs():
-    """Forward and backward kernels at D in {64, 128} x {fp16, bf16} (BERT path: padding mask;
-    and the heaviest variant: mask + causal + dropout), plus fp32 and the padded/small head dims
-    the dispatcher also launches."""
-    plain = dict(HAS_MASK=True, CAUSAL=False, DROPOUT=False)
+    """The configurations the dispatcher launches, at their heaviest variant (padding mask +
+    causal + dropout: the most registers; the other flag combinations compile to subsets of it):
+    forward and backward at D in {64, 128} x {fp16, bf16}, fp32 at D=128 (its largest tiles'
+    register use), and the padded head dim D=40 (BLOCK_D=64, masked columns). Kept small: each
+    compile takes seconds and tests/test_aot.py compiles every row for sm_80 and sm_90."""
     full = dict(HAS_MASK=True, CAUSAL=True, DROPOUT=True)
-    configs = [(D, dt, v) for D in (64, 128) for dt in (torch.float16, torch.bfloat16)
-               for v in ("mask", "mask+causal+dropout")]
-    configs += [(D, torch.float32, "mask+causal+dropout") for D in (64, 128)]
-    configs += [(D, torch.float16, "mask+causal+dropout") for D in (16, 32, 40)]
+    configs = [(D, dt) for D in (64, 128) for dt in (torch.float16, torch.bfloat16)]
+    configs += [(128, torch.float32), (40, torch.float16)]
     specs = []
-    for D, dt, variant in configs:
-        flags = plain if variant == "mask" else full
-        name = f"D={D} {utils.TRITON_DTYPE[dt]} {variant}"
-        specs += [_spec(f"attention_fwd {name}", _attn_fwd, "fwd", D, dt, flags),
-                  _spec(f"attention_bwd_dkdv {name}", _attn_bwd_dkdv, "dkdv", D, dt, flags),
-                  _spec(f"attention_bwd_dq {name}", _attn_bwd_dq, "dq", D, dt, flags)]
-        if variant == "mask":
-            # a row reduction with no matmul: labelled "attn_..." (not "attention") because the
-            # tensor-core check of tests/test_aot.py is about the matmul kernels
-            specs.append(_spec(f"attn_bwd_preprocess rowsum(dO*O) D={D} {str(dt)[6:]}",
-                               _attn_bwd_preprocess, "pre", D, dt, {}))
+    for D, dt in configs:
+        name = f"D={D} {utils.TRITON_DTYPE[dt]} mask+causal+dropout"
+        specs += [_spec(f"attention_fwd {name}", _attn_fwd, "fwd", D, dt, full),
+                  _spec(f"attention_bwd_dkdv {name}", _attn_bwd_dkdv, "dkdv", D, dt, full),
+                  _spec(f"attention_bwd_dq {name}", _attn_bwd_dq, "dq", D, dt, full)]
+    # a row reduction with no matmul: labelled "attn_..." (not "attention") because the
+    # tensor-core check of tests/test_aot.py is about the matmul kernels
+    specs.append(_spec("attn_bwd_preprocess rowsum(dO*O) D=128 float16", _attn_bwd_preprocess,
+                       "pre", 128, torch.float16, {}))
     return specs
