@@ -1,0 +1,269 @@
+"""tkd_core.ops.layer_norm: Triton kernels (interpreter) against a float64 torch reference.
+
+Tolerances are on rel_err = max|out - ref| / max|ref| against F.layer_norm on .double() inputs:
+- fp32: outputs are rounded to fp32 (2^-24) after fp32 reductions over N columns (y, dx) or M
+  rows (dw, db), whose error grows like eps32 * sqrt(length) for random data; we allow
+  8 * eps32 * sqrt(length), at least 32 * eps32 (~4e-6; 1.5e-4 at N = 65536).
+- fp16: statistics are fp32, so the output rounding (2^-11 ~ 4.9e-4 relative, half an ulp) and the
+  fp16 rounding of h = x + residual dominate: 2e-3 (~4 ulp).
+- bf16: the same with 8 mantissa bits (2^-8 ~ 3.9e-3; Triton's interpreter truncates rather than
+  rounds to bf16, so up to one ulp): 1.6e-2 (~4 ulp).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, rel_err
+
+import tkd_core
+from tkd_core.kernels import layernorm as ln
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def tol(dtype, length):
+    if dtype == torch.float32:
+        return max(32 * EPS32, 8 * EPS32 * math.sqrt(length))
+    return {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+
+def make_inputs(M, N, dtype, affine="wb", residual=False, lead=None):
+    shape = (*lead, N) if lead else (M, N)
+    x = (torch.randn(shape) * 2 + 0.5).to(dtype)
+    w = (torch.randn(N) * 0.5 + 1).to(dtype) if "w" in affine else None
+    b = torch.randn(N).to(dtype) if "b" in affine else None
+    r = torch.randn(shape).to(dtype) if residual else None
+    return x, w, b, r
+
+
+def run(fn, x, w, b, r, gy, gh, eps=1e-5):
+    """fn(x, w, b, eps, r) forward + backward with grad_outputs gy (for y) and gh (for h)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    out = fn(leaves[0], leaves[1], leaves[2], eps, leaves[3])
+    y, h = out if r is not None else (out, None)
+    outs, grads = [y], [gy.to(y.dtype)]
+    if h is not None:
+        outs.append(h)
+        grads.append(gh.to(h.dtype))
+    torch.autograd.backward(outs, grads)
+    return (y, h) + tuple(t.grad if t is not None else None for t in leaves)
+
+
+def ours(x, w, b, eps, r):
+    return tkd_core.ops.layer_norm(x, w, b, eps=eps, residual=r)
+
+
+def reference64(x, w, b, eps, r):
+    def d(t):
+        return t.double() if t is not None else None
+    h = d(x) if r is None else d(x) + d(r)
+    y = F.layer_norm(h, h.shape[-1:], d(w), d(b), eps)
+    return y if r is None else (y, h)
+
+
+def check(M, N, dtype, affine="wb", residual=False, lead=None, x=None):
+    xx, w, b, r = make_inputs(M, N, dtype, affine, residual, lead)
+    x = xx if x is None else x
+    gy = torch.randn(x.shape, dtype=torch.float64)  # not ones: exercises the c1/c2 terms
+    gh = torch.randn(x.shape, dtype=torch.float64) if residual else None
+    got = run(ours, x, w, b, r, gy, gh)
+    ref = run(reference64, x.double(), *(t.double() if t is not None else None for t in (w, b, r)),
+              gy, gh)
+    peer = run(ln.layer_norm_ref, x, w, b, r, gy, gh)  # torch itself in the same dtype
+    rows = x.numel() // max(N, 1)
+    names = ("y", "x + residual", "dx", "dweight", "dbias", "dresidual")
+    lengths = (N, 1, N, rows, rows, N)
+    for name, g, e, p, length in zip(names, got, ref, peer, lengths):
+        assert (g is None) == (e is None), f"{name}: presence differs from torch"
+        if g is not None:
+            assert g.dtype == (x.dtype if name in ("y", "x + residual", "dx", "dresidual")
+                               else dtype), f"{name}: dtype {g.dtype}"
+            if e.numel() and e.abs().max() < 1e-9:  # N = 1: xhat = 0, so dx = dw = 0 exactly
+                assert g.abs().max() <= 1e-6, f"{name}: expected zeros, got {g}"
+            else:
+                # ill-conditioned rows (N = 2, near-equal elements) lose digits in any fp32
+                # kernel: then allow twice torch's own error in the same dtype
+                t = max(tol(dtype, length), 2 * rel_err(p, e))
+                assert_close(g, e, t, f"{name} ({M}x{N} {dtype})")
+
+
+SHAPES = [(m, n) for m in (1, 3) for n in (1, 2, 7, 768, 1000, 4099)] + [(257, n) for n in (1, 2, 7)]
+# 65536: the longest row (swept in 16 chunks); 8193: just above the forward's single-tile limit
+# (4099 is already above the backward's, see ln.config)
+CHUNKED = [(1, 65536), (2, 8193)]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["", "res"])
+@pytest.mark.parametrize("affine", ["wb", "none"])
+@pytest.mark.parametrize("M,N", SHAPES + CHUNKED)
+def test_fp32(M, N, affine, residual):
+    check(M, N, torch.float32, affine, residual)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["", "res"])
+@pytest.mark.parametrize("affine", ["w", "b"])
+@pytest.mark.parametrize("M,N", [(3, 7), (3, 1000), (2, 8193)])
+def test_weight_or_bias_only(M, N, affine, residual):
+    check(M, N, torch.float32, affine, residual)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("residual", [False, True], ids=["", "res"])
+@pytest.mark.parametrize("M,N", [(1, 1), (3, 7), (3, 768), (1, 4099), (257, 2), (1, 8193)])
+def test_half(M, N, dtype, residual):
+    check(M, N, dtype, "wb", residual)
+
+
+def test_half_longest_row():
+    check(1, 65536, torch.bfloat16, "wb", True)
+
+
+def test_fp16_input_with_fp32_params():
+    # mixed precision: fp32 weight/bias with fp16 activations; grads come back in fp32
+    x, _, _, r = make_inputs(3, 768, torch.float16, residual=True)
+    _, w, b, _ = make_inputs(3, 768, torch.float32)
+    gy, gh = torch.randn(3, 768, dtype=torch.float64), torch.randn(3, 768, dtype=torch.float64)
+    got = run(ours, x, w, b, r, gy, gh)
+    ref = run(reference64, x.double(), w.double(), b.double(), r.double(), gy, gh)
+    assert got[3].dtype == got[4].dtype == torch.float32
+    for name, g, e in zip(("y", "h", "dx", "dw", "db", "dr"), got, ref):
+        assert_close(g, e, 2e-3, name)
+
+
+def test_leading_dims_and_non_contiguous():
+    check(None, 768, torch.float32, "wb", True, lead=(2, 3))
+    base = torch.randn(1000, 5)
+    x = base.t()  # (5, 1000), column-major: not contiguous
+    assert not x.is_contiguous()
+    check(5, 1000, torch.float32, "wb", False, x=x)
+
+
+def test_large_mean_is_stable():
+    # a row mean 1e3 times its spread: E[x^2] - E[x]^2 in fp32 would lose the variance entirely
+    for N in (768, 9000):  # single tile and chunked (Chan's merge of chunk statistics)
+        x = 1000 + torch.randn(2, N)
+        y = tkd_core.ops.layer_norm(x)
+        assert_close(y, reference64(x, None, None, 1e-5, None), 1e-3, f"N={N}")
+
+
+def test_outputs_fully_written_under_poison():
+    # launchers allocate through utils.empty (NaN under TKD_POISON_OUTPUTS=1): every element of
+    # y, h, mean, rstd, dx and the partial dw/db rows must be overwritten
+    import os
+    assert os.environ.get("TKD_POISON_OUTPUTS") == "1"
+    x, w, b, r = make_inputs(5, 300, torch.float16, residual=True)
+    y, h, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-5, r)
+    dx, dw, db = ln.layer_norm_bwd(torch.randn_like(y), h, w, mean, rstd, torch.randn_like(h))
+    for t in (y, h, mean, rstd, dx, dw, db):
+        assert torch.isfinite(t).all()
+
+
+def test_backend_is_interpreter_here():
+    assert tkd_core.ops.backend(torch.zeros(2)) == "interpreter"
+
+
+def test_reference_path(reference_backend):
+    x, w, b, r = make_inputs(3, 768, torch.float32, residual=True)
+    assert tkd_core.ops.backend(x) == "reference"
+    gy, gh = torch.randn(3, 768, dtype=torch.float64), torch.randn(3, 768, dtype=torch.float64)
+    got = run(ours, x, w, b, r, gy, gh)
+    ref = run(reference64, x.double(), w.double(), b.double(), r.double(), gy, gh)
+    for name, g, e in zip(("y", "h", "dx", "dw", "db", "dr"), got, ref):
+        assert_close(g, e, tol(torch.float32, 768), name)
+    y = tkd_core.ops.layer_norm(x, w, b)
+    assert isinstance(y, torch.Tensor)
+    assert_close(y, reference64(x, w, b, 1e-5, None), tol(torch.float32, 768), "y")
+
+
+def test_bad_inputs():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        tkd_core.ops.layer_norm(x, torch.ones(7))
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        tkd_core.ops.layer_norm(x, None, torch.zeros(9))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        tkd_core.ops.layer_norm(torch.ones(4, 8, dtype=torch.int32))
+    with pytest.raises(TypeError, match="weight must have dtype"):
+        tkd_core.ops.layer_norm(x, torch.ones(8, dtype=torch.int64))
+    with pytest.raises(TypeError, match="residual must have dtype"):
+        tkd_core.ops.layer_norm(x, residual=torch.ones(4, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="residual must have the shape of x"):
+        tkd_core.ops.layer_norm(x, residual=torch.ones(4, 9))
+    with pytest.raises(ValueError, match="weight is on meta"):
+        tkd_core.ops.layer_norm(x, torch.ones(8, device="meta"))
+    with pytest.raises(ValueError, match="bias is on meta"):
+        tkd_core.ops.layer_norm(x, None, torch.ones(8, device="meta"))
+    with pytest.raises(ValueError, match="residual is on meta"):
+        tkd_core.ops.layer_norm(x, residual=torch.ones(4, 8, device="meta"))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        tkd_core.ops.layer_norm([1.0, 2.0])
+    with pytest.raises(ValueError, match="eps must be"):
+        tkd_core.ops.layer_norm(x, eps=-1.0)
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8), (4, 0)])
+def test_empty(shape):
+    N = shape[-1]
+    x = torch.randn(shape, requires_grad=True)
+    r = torch.randn(shape, requires_grad=True)
+    w = torch.randn(N, requires_grad=True)
+    b = torch.randn(N, requires_grad=True)
+    y, h = tkd_core.ops.layer_norm(x, w, b, residual=r)
+    assert y.shape == h.shape == x.shape
+    (y.sum() + h.sum()).backward()
+    assert x.grad.shape == r.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros(N)) and torch.equal(b.grad, torch.zeros(N))
+    assert tkd_core.ops.layer_norm(x.detach()).shape == x.shape
+
+
+def test_torch_compile_fullgraph():
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.code)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    def block(x, w, b, r):
+        y, h = tkd_core.ops.layer_norm(x, w, b, residual=r)
+        return torch.tanh(y) * 2 + h
+
+    x, w, b, r = (t.requires_grad_() for t in make_inputs(3, 96, torch.float32, residual=True))
+    compiled = torch.compile(block, backend=capture, fullgraph=True)
+    out = compiled(x, w, b, r)
+    assert any("tkd.layer_norm_fwd" in g for g in graphs), graphs
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, w, b, r), g)
+    out_e = block(x, w, b, r)
+    grads_e = torch.autograd.grad(out_e, (x, w, b, r), g)
+    assert_close(out, out_e, 1e-6, "compiled output")
+    for name, a, e in zip(("dx", "dw", "db", "dr"), grads, grads_e):
+        assert_close(a, e, 1e-6, f"compiled {name}")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"bias": False}])
+def test_nn_layernorm_drop_in(kwargs):
+    ref = torch.nn.LayerNorm(768, eps=1e-6, **kwargs)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_()
+    mod = tkd_core.nn.LayerNorm(768, eps=1e-6, **kwargs)
+    assert list(mod.state_dict()) == list(ref.state_dict())
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 768)
+    assert_close(mod(x), ref(x), tol(torch.float32, 768), "y")
+    r = torch.randn(2, 3, 768)
+    y, h = mod(x, r)
+    assert_close(h, x + r, 0.0, "x + residual")
+    assert_close(y, ref(x + r), tol(torch.float32, 768), "y with residual")
+
+
+def test_aot_specs_cover_every_launch_config():
+    labels = {s.label for s in ln.aot_specs()}
+    for backward in (False, True):
+        for cfg in {ln.config(N, backward) for N in range(1, 65537)}:
+            for dtype in ("fp32", "fp16", "bf16"):
+                label = (f"layer_norm_{'bwd' if backward else 'fwd'}"
+                         f"{' chunked' if cfg.chunked else ''} BLOCK_N={cfg.block_n} "
+                         f"ROWS={cfg.rows} {dtype}")
+                assert label in labels and label + " res" in labels, label
