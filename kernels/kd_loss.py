@@ -414,37 +414,54 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=1.0, alpha=
 # Ahead-of-time compile list
 # ------------------------------------------------------------------------------------------
 
+def _fwd_spec(dtype, block, has_labels, compute_grad, rows_aligned):
+    ty = utils.TRITON_DTYPE[dtype]
+    sig = {"s_ptr": f"*{ty}", "s_row_stride": "i32", "t_ptr": f"*{ty}", "t_row_stride": "i32",
+           "y_ptr": "*i64" if has_labels else "constexpr", "loss_ptr": "*fp32",
+           "g_ptr": f"*{ty}", "g_row_stride": "i32", "scale_ptr": "*fp32", "V": "i32",
+           "inv_T": "fp32", "T": "fp32", "alpha": "fp32", "ignore_index": "i32",
+           "BLOCK": "constexpr", "HAS_LABELS": "constexpr", "COMPUTE_GRAD": "constexpr"}
+    const = dict(BLOCK=block, HAS_LABELS=has_labels, COMPUTE_GRAD=compute_grad)
+    if not has_labels:
+        const["y_ptr"] = None
+    aligned = ("s_ptr", "t_ptr", "loss_ptr", "g_ptr")
+    if rows_aligned:
+        aligned += ("s_row_stride", "t_row_stride", "g_row_stride", "V")
+    label = (f"kd_loss_fwd BLOCK={block} {ty} {'labels' if has_labels else 'nolabels'} "
+             f"{'grad' if compute_grad else 'nograd'}{' V%16=0' if rows_aligned else ''}")
+    return AotSpec(label, _kd_loss_fwd_kernel, sig, const, num_warps=fwd_config(block)["num_warps"],
+                   aligned=aligned)
+
+
+def _bwd_spec(dtype, block, rows_aligned):
+    ty = utils.TRITON_DTYPE[dtype]
+    sig = {"g_ptr": f"*{ty}", "g_row_stride": "i32", "go_ptr": "*fp32", "go_stride": "i32",
+           "out_ptr": f"*{ty}", "out_row_stride": "i32", "V": "i32", "BLOCK": "constexpr"}
+    aligned = ("g_ptr", "out_ptr")
+    if rows_aligned:
+        aligned += ("g_row_stride", "out_row_stride", "V")
+    return AotSpec(f"kd_loss_bwd BLOCK={block} {ty}{' V%16=0' if rows_aligned else ''}",
+                   _kd_loss_bwd_kernel, sig, {"BLOCK": block},
+                   num_warps=bwd_config(block)["num_warps"], aligned=aligned)
+
+
 def aot_specs():
-    """Every distinct compiled configuration over V in [1, MAX_V] x {fp32, fp16, bf16} x
-    {labels, no labels} x {grad, no grad}, from the launchers' own heuristics."""
-    blocks = sorted({fwd_config(v)["BLOCK"] for v in (1, FWD_BLOCKS[0], FWD_BLOCKS[0] + 1, MAX_V)})
+    """Every distinct configuration of the launchers' heuristics over V in [1, MAX_V] x
+    {fp32, fp16, bf16} x {labels, no labels} x {grad, no grad}. Triton also specializes on V
+    and the row strides being multiples of 16 (vectorized loads): that variant is listed too
+    for the vocabulary-sized bucket and the backward kernel, where V = 32000, 128256, ... are."""
+    Vs = sorted({1, MAX_V} | {2**k + d for k in range(1, MAX_V.bit_length()) for d in (-1, 0, 1)})
+    fwd_blocks = sorted({fwd_config(v)["BLOCK"] for v in Vs if v <= MAX_V})
+    bwd_blocks = sorted({bwd_config(v)["BLOCK"] for v in Vs if v <= MAX_V})
     specs = []
     for dtype in utils.FLOAT_DTYPES:
-        ty = utils.TRITON_DTYPE[dtype]
-        for block in blocks:
-            cfg = fwd_config(block)
+        for block in fwd_blocks:
             for has_labels in (True, False):
                 for compute_grad in (True, False):
-                    sig = {"s_ptr": f"*{ty}", "s_row_stride": "i32", "t_ptr": f"*{ty}",
-                           "t_row_stride": "i32", "y_ptr": "*i64" if has_labels else "constexpr",
-                           "loss_ptr": "*fp32", "g_ptr": f"*{ty}", "g_row_stride": "i32",
-                           "scale_ptr": "*fp32", "V": "i32", "inv_T": "fp32", "T": "fp32",
-                           "alpha": "fp32", "ignore_index": "i32", "BLOCK": "constexpr",
-                           "HAS_LABELS": "constexpr", "COMPUTE_GRAD": "constexpr"}
-                    const = {"BLOCK": block, "HAS_LABELS": has_labels,
-                             "COMPUTE_GRAD": compute_grad}
-                    if not has_labels:
-                        const["y_ptr"] = None
-                    label = (f"kd_loss_fwd BLOCK={block} {ty} "
-                             f"{'labels' if has_labels else 'nolabels'} "
-                             f"{'grad' if compute_grad else 'nograd'}")
-                    specs.append(AotSpec(label, _kd_loss_fwd_kernel, sig, const,
-                                         num_warps=cfg["num_warps"],
-                                         aligned=("s_ptr", "t_ptr", "loss_ptr", "g_ptr")))
-        cfg = bwd_config(MAX_V)
-        sig = {"g_ptr": f"*{ty}", "g_row_stride": "i32", "go_ptr": "*fp32", "go_stride": "i32",
-               "out_ptr": f"*{ty}", "out_row_stride": "i32", "V": "i32", "BLOCK": "constexpr"}
-        specs.append(AotSpec(f"kd_loss_bwd BLOCK={cfg['BLOCK']} {ty}", _kd_loss_bwd_kernel, sig,
-                             {"BLOCK": cfg["BLOCK"]}, num_warps=cfg["num_warps"],
-                             aligned=("g_ptr", "out_ptr")))
+                    for rows_aligned in ((False, True) if block == fwd_blocks[-1] else (False,)):
+                        specs.append(_fwd_spec(dtype, block, has_labels, compute_grad,
+                                               rows_aligned))
+        for block in bwd_blocks:
+            for rows_aligned in (False, True):
+                specs.append(_bwd_spec(dtype, block, rows_aligned))
     return specs
