@@ -239,3 +239,6 @@ def quantize(model: nn.Module):
     except TypeError:  # an interface without `skip`
         report = qm(model)
     return model, report
+
+
+from . import baselines  # noqa: E402,F401  (registers bilstm, rnn, lstm, cnn)
