@@ -1,0 +1,67 @@
+// pybind11 module tkd_core._C: the INT8 GEMM entry points, called by tkd_core/int8_gemm.py.
+// No torch headers: tensors cross as raw addresses (t.data_ptr(), uintptr_t) plus sizes and
+// strides, validated in Python first. Long-running calls release the GIL.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "int8_gemm_cpu.h"
+#ifdef TKD_WITH_CUDA
+#include "int8_gemm_cuda.h"
+#endif
+
+namespace py = pybind11;
+
+template <typename T>
+static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "tkd INT8 GEMM extension: exact AVX2/scalar CPU kernels, tensor-core CUDA kernel";
+#ifdef TKD_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.def("cpu_isa", &tkd::cpu_isa, "ISA of the CPU path chosen at run time: 'avx2' or 'scalar'");
+  m.def("packed_b_numel", &tkd::packed_b_numel, py::arg("N"), py::arg("K"));
+  m.def("packed_a_numel", &tkd::packed_a_numel, py::arg("M"), py::arg("K"));
+  m.def("pack_b", [](uintptr_t b, int64_t N, int64_t K, int64_t sn, int64_t sk, uintptr_t out,
+                     int64_t nthreads) {
+    py::gil_scoped_release nogil;
+    tkd::pack_b(ptr<const int8_t>(b), N, K, sn, sk, ptr<int16_t>(out), nthreads);
+  });
+  m.def("pack_a", [](uintptr_t a, int64_t M, int64_t K, int64_t sm, int64_t sk, uintptr_t out,
+                     int64_t nthreads) {
+    py::gil_scoped_release nogil;
+    tkd::pack_a(ptr<const int8_t>(a), M, K, sm, sk, ptr<int16_t>(out), nthreads);
+  });
+  m.def("quantize_rows", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t sm,
+                            uintptr_t q, uintptr_t scale, uintptr_t packed_a, int64_t nthreads) {
+    py::gil_scoped_release nogil;
+    tkd::quantize_rows(ptr<const void>(x), dtype, M, K, sm, ptr<int8_t>(q), ptr<float>(scale),
+                       ptr<int16_t>(packed_a), nthreads);
+  });
+  m.def("gemm_packed", [](uintptr_t ap, uintptr_t bp, int64_t M, int64_t N, int64_t K,
+                          uintptr_t out, int64_t ldc, uintptr_t a_scale, uintptr_t b_scale,
+                          uintptr_t bias, int64_t nthreads) {
+    py::gil_scoped_release nogil;
+    tkd::gemm_packed(ptr<const int16_t>(ap), ptr<const int16_t>(bp), M, N, K, ptr<void>(out),
+                     ldc, ptr<const float>(a_scale), ptr<const float>(b_scale),
+                     ptr<const float>(bias), nthreads);
+  });
+#ifdef TKD_WITH_CUDA
+  m.def("gemm_cuda", [](uintptr_t a, uintptr_t b, int64_t M, int64_t N, int64_t K, int64_t lda,
+                        int64_t ldb, uintptr_t out, int64_t ldc, int out_kind, uintptr_t a_scale,
+                        uintptr_t b_scale, uintptr_t bias, uintptr_t stream) {
+    int err;
+    {
+      py::gil_scoped_release nogil;
+      err = tkd_int8_gemm_cuda(ptr<const int8_t>(a), ptr<const int8_t>(b), M, N, K, lda, ldb,
+                               ptr<void>(out), ldc, out_kind, ptr<const float>(a_scale),
+                               ptr<const float>(b_scale), ptr<const float>(bias), stream);
+    }
+    if (err != 0) throw std::runtime_error(std::string("tkd int8_gemm CUDA launch failed: ") +
+                                           tkd_cuda_error_string(err));
+  });
+#endif
+}

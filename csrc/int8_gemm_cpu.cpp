@@ -1,0 +1,399 @@
+// Exact INT8 GEMM on the CPU: C (M, N) = A (M, K) @ B (N, K)^T, int8 in, int32 accumulate,
+// with a fused per-token x per-channel scale + bias epilogue (float32 out), and the fused per-token
+// activation quantizer that feeds it.
+//
+// Exactness: we WIDEN to int16 and multiply with vpmaddwd (s16 x s16 -> s32 pair sums), never
+// vpmaddubsw. vpmaddubsw (u8 x s8 -> saturating s16 pair sums) saturates once two products in a
+// pair add up past 32767, e.g. fbgemm's u8 activation (a + 128 up to 255) times b = 127 twice.
+// vpmaddwd cannot saturate for int8-range inputs (|pair| <= 2 * 128 * 128 = 32768 << 2^31) and
+// the int32 accumulator is exact for K < 2^31 / 128^2 = 131072. On Zen 3 (no VNNI) both routes
+// cost two multiply-port uops per 32 MACs (vpmaddubsw + vpmaddwd-by-ones vs 2 x vpmaddwd), so the
+// widening route is as fast as the saturating one; the sign trick would add a vpsignb per product.
+// Widening is paid once: B is widened when it is packed (once per weight), A when it is packed
+// (once per call, fused into the activation quantizer for Int8Linear).
+//
+// Layouts (int16 elements, K padded to an even Kp with zeros):
+//   packed B: panels of NR = 16 columns; panel j holds, for each k pair kp, 16 columns x 2 k:
+//             Bp[j][kp][c][2], size ceil(N / 16) * 16 * Kp. Padded columns are zero.
+//   packed A: panels of MR = 6 rows; panel i holds, for each k pair, its rows x 2 k:
+//             Ap[i][kp][r][2], panel i at offset i * 6 * Kp (only the last panel can be short).
+// Micro-kernel: MR x NR = 6 x 16 int32 accumulators in 12 ymm registers; per k pair it loads two
+// B vectors, broadcasts one int32 (two int16 of A) per row and issues 12 vpmaddwd + 12 vpaddd.
+// Blocking: threads split (row block, column block) tiles of MC x NC; inside a tile each 16-column
+// B panel (Kp * 32 bytes, L1/L2-resident) is reused by MC / 6 micro-kernels over an A block
+// (MC x Kp int16) that stays in L2. The whole K is reduced in registers, so the epilogue runs on
+// registers: no int32 (M, N) tensor is ever written when a float output is asked for.
+//
+// ISA: the AVX2 functions carry __attribute__((target("avx2,fma,f16c"))) and are chosen at run
+// time with __builtin_cpu_supports("avx2"); the scalar path is portable C++ (aarch64 included).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define TKD_X86 1
+#include <immintrin.h>
+#endif
+
+#include "int8_gemm_cpu.h"
+
+namespace tkd {
+
+namespace {
+
+constexpr int64_t MR = 6;   // rows per micro-kernel (A panel height)
+constexpr int64_t NR = 16;  // columns per micro-kernel (B panel width): two ymm of int32
+constexpr int64_t MC = 48;  // rows per thread tile (8 micro-panels)
+constexpr int64_t NC = 256; // columns per thread tile (16 panels)
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t even(int64_t k) { return round_up(k, 2); }
+
+// ---------------------------------------------------------------------------------------------
+// Packing (portable; memory-bound, run once per weight / once per call for A)
+
+void pack_b_panel(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, int64_t j,
+                  int16_t* out) {
+  const int64_t Kp = even(K);
+  int16_t* dst = out + j * NR * Kp;  // (Kp / 2, 16, 2)
+  for (int64_t kp = 0; kp < Kp / 2; ++kp) {
+    for (int64_t c = 0; c < NR; ++c) {
+      const int64_t n = j * NR + c;
+      for (int64_t t = 0; t < 2; ++t) {
+        const int64_t k = 2 * kp + t;
+        dst[(kp * NR + c) * 2 + t] = (n < N && k < K) ? b[n * sn + k * sk] : 0;
+      }
+    }
+  }
+}
+
+void pack_a_panel(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, int64_t i,
+                  int16_t* out) {
+  const int64_t Kp = even(K);
+  const int64_t mr = std::min(MR, M - i * MR);
+  int16_t* dst = out + i * MR * Kp;  // (Kp / 2, mr, 2)
+  for (int64_t r = 0; r < mr; ++r) {
+    const int8_t* row = a + (i * MR + r) * sm;
+    for (int64_t k = 0; k < Kp; ++k)
+      dst[((k >> 1) * mr + r) * 2 + (k & 1)] = k < K ? row[k * sk] : 0;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue: a finished MR' x NR tile of int32 accumulators -> out (int32, or fp32 scaled)
+
+struct Epilogue {
+  void* out;               // (M, N) int32 or float32, row stride ldc
+  int64_t ldc;
+  bool scaled;             // false: exact int32; true: float32 acc * as[m] * bs[n] + bias[n]
+  const float* a_scale;    // (M,)
+  const float* b_scale;    // (N,)
+  const float* bias;       // (N,) or nullptr
+};
+
+inline void store_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t m, int64_t n0,
+                             int64_t nn) {
+  if (!ep.scaled) {
+    int32_t* o = static_cast<int32_t*>(ep.out) + m * ep.ldc + n0;
+    for (int64_t c = 0; c < nn; ++c) o[c] = acc[c];
+    return;
+  }
+  float* o = static_cast<float*>(ep.out) + m * ep.ldc + n0;
+  const float as = ep.a_scale[m];
+  for (int64_t c = 0; c < nn; ++c) {
+    float v = static_cast<float>(acc[c]) * (as * ep.b_scale[n0 + c]);
+    o[c] = ep.bias ? v + ep.bias[n0 + c] : v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar micro-kernel (portable fallback; same packed layouts, same exact int32 arithmetic)
+
+template <int R>
+void micro_scalar(const int16_t* Ap, const int16_t* Bp, int64_t Kp, const Epilogue& ep,
+                  int64_t m0, int64_t n0, int64_t nn) {
+  int32_t acc[R][NR] = {};
+  for (int64_t kp = 0; kp < Kp / 2; ++kp) {
+    const int16_t* bk = Bp + kp * NR * 2;
+    const int16_t* ak = Ap + kp * R * 2;
+    for (int r = 0; r < R; ++r) {
+      const int32_t a0 = ak[2 * r], a1 = ak[2 * r + 1];
+      for (int c = 0; c < NR; ++c) acc[r][c] += a0 * bk[2 * c] + a1 * bk[2 * c + 1];
+    }
+  }
+  for (int r = 0; r < R; ++r) store_row_scalar(ep, acc[r], m0 + r, n0, nn);
+}
+
+#if TKD_X86
+// ---------------------------------------------------------------------------------------------
+// AVX2 micro-kernel: R x 16 int32 accumulators (2R ymm), widened int16 operands, vpmaddwd.
+
+#define TKD_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+TKD_AVX2 inline void store_row_avx2(const Epilogue& ep, __m256i c0, __m256i c1, int64_t m,
+                                    int64_t n0, int64_t nn) {
+  if (nn < NR) {  // right edge: spill the row to the stack and store the valid columns
+    alignas(32) int32_t tmp[NR];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), c0);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 8), c1);
+    store_row_scalar(ep, tmp, m, n0, nn);
+    return;
+  }
+  if (!ep.scaled) {
+    int32_t* o = static_cast<int32_t*>(ep.out) + m * ep.ldc + n0;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), c0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), c1);
+    return;
+  }
+  float* o = static_cast<float*>(ep.out) + m * ep.ldc + n0;
+  const __m256 as = _mm256_set1_ps(ep.a_scale[m]);
+  const __m256 s0 = _mm256_mul_ps(as, _mm256_loadu_ps(ep.b_scale + n0));
+  const __m256 s1 = _mm256_mul_ps(as, _mm256_loadu_ps(ep.b_scale + n0 + 8));
+  __m256 v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(c0), s0);
+  __m256 v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(c1), s1);
+  if (ep.bias) {
+    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(ep.bias + n0));
+    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(ep.bias + n0 + 8));
+  }
+  _mm256_storeu_ps(o, v0);
+  _mm256_storeu_ps(o + 8, v1);
+}
+
+template <int R>
+TKD_AVX2 void micro_avx2(const int16_t* Ap, const int16_t* Bp, int64_t Kp, const Epilogue& ep,
+                         int64_t m0, int64_t n0, int64_t nn) {
+  __m256i c[R][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
+  const int32_t* a32 = reinterpret_cast<const int32_t*>(Ap);  // one int32 = 2 int16 of a row
+  const __m256i* b = reinterpret_cast<const __m256i*>(Bp);     // 2 ymm per k pair
+  const int64_t KP = Kp / 2;
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    _mm_prefetch(reinterpret_cast<const char*>(b + 2 * kp + 16), _MM_HINT_T0);
+    const __m256i b0 = _mm256_loadu_si256(b + 2 * kp);
+    const __m256i b1 = _mm256_loadu_si256(b + 2 * kp + 1);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256i a = _mm256_set1_epi32(a32[kp * R + r]);
+      c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(a, b0));
+      c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(a, b1));
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) store_row_avx2(ep, c[r][0], c[r][1], m0 + r, n0, nn);
+}
+#endif  // TKD_X86
+
+using MicroFn = void (*)(const int16_t*, const int16_t*, int64_t, const Epilogue&, int64_t,
+                         int64_t, int64_t);
+
+bool have_avx2() {
+#if TKD_X86 && (defined(__GNUC__) || defined(__clang__))
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+MicroFn micro_for(int64_t rows, bool avx2) {
+#if TKD_X86
+  if (avx2) {
+    static const MicroFn t[] = {nullptr, micro_avx2<1>, micro_avx2<2>, micro_avx2<3>,
+                                micro_avx2<4>, micro_avx2<5>, micro_avx2<6>};
+    return t[rows];
+  }
+#endif
+  (void)avx2;
+  static const MicroFn t[] = {nullptr, micro_scalar<1>, micro_scalar<2>, micro_scalar<3>,
+                              micro_scalar<4>, micro_scalar<5>, micro_scalar<6>};
+  return t[rows];
+}
+
+int clamp_threads(int64_t nthreads) {
+  return static_cast<int>(std::max<int64_t>(1, nthreads));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-token quantization of one row (float32 in L1 after the one read of x)
+
+#if TKD_X86
+TKD_AVX2 float absmax_avx2(const float* x, int64_t K) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    m0 = _mm256_max_ps(m0, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    m1 = _mm256_max_ps(m1, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k + 8)));
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, _mm256_max_ps(m0, m1));
+  float m = 0.f;
+  for (float v : t) m = std::max(m, v);
+  for (; k < K; ++k) m = std::max(m, std::fabs(x[k]));
+  return m;
+}
+
+// q = clamp(round_half_even(x / scale), -127, 127): a true division, like the torch reference
+TKD_AVX2 void quantize_row_avx2(const float* x, int64_t K, float scale, int8_t* q) {
+  const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + k), s);
+    v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    const __m256i i32 = _mm256_cvtps_epi32(v);
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32),
+                                        _mm256_extracti128_si256(i32, 1));
+    const __m128i i8 = _mm_packs_epi16(i16, i16);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), i8);
+  }
+  for (; k < K; ++k) {
+    float v = std::nearbyint(x[k] / scale);
+    q[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+  }
+}
+#endif
+
+float absmax_scalar(const float* x, int64_t K) {
+  float m = 0.f;
+  for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(x[k]));
+  return m;
+}
+
+void quantize_row_scalar(const float* x, int64_t K, float scale, int8_t* q) {
+  for (int64_t k = 0; k < K; ++k) {
+    float v = std::nearbyint(x[k] / scale);  // default rounding mode: half to even
+    q[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+  }
+}
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      do { ++e; man <<= 1; } while (!(man & 0x400));
+      bits = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Load one row of x (dtype: 0 fp32, 1 fp16, 2 bf16) as float32 into buf (or point at it).
+const float* row_as_float(const void* x, int dtype, int64_t K, float* buf) {
+  if (dtype == 0) return static_cast<const float*>(x);
+  const uint16_t* h = static_cast<const uint16_t*>(x);
+  if (dtype == 2) {
+    for (int64_t k = 0; k < K; ++k) {
+      uint32_t bits = static_cast<uint32_t>(h[k]) << 16;
+      std::memcpy(buf + k, &bits, 4);
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k) buf[k] = half_to_float(h[k]);
+  }
+  return buf;
+}
+
+}  // namespace
+
+// =============================================================================================
+// Public entry points (raw pointers; the Python wrapper validated shapes, dtypes, strides)
+
+std::string cpu_isa() { return have_avx2() ? "avx2" : "scalar"; }
+
+int64_t packed_b_numel(int64_t N, int64_t K) { return round_up(N, NR) * even(K); }
+int64_t packed_a_numel(int64_t M, int64_t K) { return M * even(K); }
+
+void pack_b(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, int16_t* out,
+            int64_t nthreads) {
+  const int64_t panels = round_up(N, NR) / NR;
+#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static)
+  for (int64_t j = 0; j < panels; ++j) pack_b_panel(b, N, K, sn, sk, j, out);
+}
+
+void pack_a(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, int16_t* out,
+            int64_t nthreads) {
+  const int64_t panels = round_up(M, MR) / MR;
+#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static)
+  for (int64_t i = 0; i < panels; ++i) pack_a_panel(a, M, K, sm, sk, i, out);
+}
+
+void quantize_rows(const void* x, int dtype, int64_t M, int64_t K, int64_t sm, int8_t* q,
+                   float* scale, int16_t* packed_a, int64_t nthreads) {
+  const bool avx2 = have_avx2();
+  const int64_t esize = dtype == 0 ? 4 : 2;
+  const int64_t Kp = even(K);
+#pragma omp parallel num_threads(clamp_threads(nthreads))
+  {
+    std::vector<float> buf(dtype == 0 ? 0 : K);
+    std::vector<int8_t> qbuf(q ? 0 : K);
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      const char* xr = static_cast<const char*>(x) + m * sm * esize;
+      const float* xf = row_as_float(xr, dtype, K, buf.data());
+#if TKD_X86
+      const float amax = avx2 ? absmax_avx2(xf, K) : absmax_scalar(xf, K);
+#else
+      const float amax = absmax_scalar(xf, K);
+#endif
+      const float s = amax > 0.f ? amax / 127.f : 1.f;  // all-zero row: finite scale, q = 0
+      scale[m] = s;
+      int8_t* qr = q ? q + m * K : qbuf.data();
+#if TKD_X86
+      if (avx2) quantize_row_avx2(xf, K, s, qr);
+      else quantize_row_scalar(xf, K, s, qr);
+#else
+      quantize_row_scalar(xf, K, s, qr);
+#endif
+      if (packed_a) {  // scatter the row into its A panel (row r of panel i), widened to int16
+        const int64_t i = m / MR, r = m % MR, mr = std::min(MR, M - i * MR);
+        int16_t* dst = packed_a + i * MR * Kp;
+        for (int64_t k = 0; k < Kp; ++k)
+          dst[((k >> 1) * mr + r) * 2 + (k & 1)] = k < K ? qr[k] : 0;
+      }
+    }
+  }
+}
+
+void gemm_packed(const int16_t* Ap, const int16_t* Bp, int64_t M, int64_t N, int64_t K,
+                 void* out, int64_t ldc, const float* a_scale, const float* b_scale,
+                 const float* bias, int64_t nthreads) {
+  const bool avx2 = have_avx2();
+  const int64_t Kp = even(K);
+  const Epilogue ep{out, ldc, a_scale != nullptr, a_scale, b_scale, bias};
+  const int64_t mb_count = (M + MC - 1) / MC, nb_count = (N + NC - 1) / NC;
+  // (row block, column block) tiles, row-block major so a thread keeps its A block in L2
+#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static) collapse(2)
+  for (int64_t mb = 0; mb < mb_count; ++mb) {
+    for (int64_t nb = 0; nb < nb_count; ++nb) {
+      const int64_t m_end = std::min(M, (mb + 1) * MC), n_end = std::min(N, (nb + 1) * NC);
+      for (int64_t n0 = nb * NC; n0 < n_end; n0 += NR) {
+        const int16_t* bp = Bp + (n0 / NR) * NR * Kp;
+        const int64_t nn = std::min(NR, N - n0);
+        for (int64_t m0 = mb * MC; m0 < m_end; m0 += MR) {
+          const int64_t rows = std::min(MR, M - m0);
+          micro_for(rows, avx2)(Ap + m0 * Kp, bp, Kp, ep, m0, n0, nn);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace tkd

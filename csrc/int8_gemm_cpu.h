@@ -1,0 +1,35 @@
+// CPU INT8 GEMM entry points (int8_gemm_cpu.cpp). Raw pointers: the Python wrapper
+// (tkd_core/int8_gemm.py) validates dtypes, shapes and strides before calling them.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace tkd {
+
+std::string cpu_isa();  // "avx2" or "scalar": the path chosen by CPU feature detection
+
+// int16 elements of the packed (widened) operands
+int64_t packed_b_numel(int64_t N, int64_t K);
+int64_t packed_a_numel(int64_t M, int64_t K);
+
+// b: int8 (N, K) with element strides (sn, sk) -> out: packed int16 B panels
+void pack_b(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, int16_t* out,
+            int64_t nthreads);
+// a: int8 (M, K) with element strides (sm, sk) -> out: packed int16 A panels
+void pack_a(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, int16_t* out,
+            int64_t nthreads);
+
+// x: (M, K) rows (row stride sm elements, unit column stride), dtype 0 fp32 / 1 fp16 / 2 bf16.
+// One read of each row: absmax, scale = absmax / 127 (1 for an all-zero row), then
+// q = clamp(round_half_even(x / scale), -127, 127). Writes q (M, K) contiguous int8 if non-null,
+// scale (M,) float32, and the packed int16 A panels if packed_a is non-null.
+void quantize_rows(const void* x, int dtype, int64_t M, int64_t K, int64_t sm, int8_t* q,
+                   float* scale, int16_t* packed_a, int64_t nthreads);
+
+// out (M, N), row stride ldc: int32 A @ B^T if a_scale is null, else float32
+// acc * a_scale[m] * b_scale[n] (+ bias[n] if bias is non-null), fused in the epilogue.
+void gemm_packed(const int16_t* Ap, const int16_t* Bp, int64_t M, int64_t N, int64_t K,
+                 void* out, int64_t ldc, const float* a_scale, const float* b_scale,
+                 const float* bias, int64_t nthreads);
+
+}  // namespace tkd

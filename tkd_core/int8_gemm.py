@@ -1,0 +1,312 @@
+"""INT8 GEMM and per-token activation quantization over the compiled extension `tkd_core._C`.
+
+Math. `int8_gemm(a, b)` computes C = a @ b.T for int8 a (M, K) and int8 b (N, K) (nn.Linear
+weight layout), accumulated exactly in int32:
+
+    C[m, n] = sum_k a[m, k] * b[n, k]                          (no scales: int32 (M, N))
+    Y[m, n] = C[m, n] * a_scale[m] * b_scale[n] + bias[n]      (scales: float, fused epilogue)
+
+Exact for K <= 131072 (|C| <= K * 128^2 < 2^31). With scales the epilogue runs on the
+accumulators in registers: no int32 (M, N) tensor is written. A float64 matmul of the int8
+values is also exact (every partial sum is an integer below 2^53), which is how `int8_gemm_ref`
+reproduces the int64 result quickly.
+
+`quantize_per_token(x)` is symmetric per row (token): scale = absmax / 127 (1 for an all-zero
+row), q = clamp(round_half_even(x / scale), -127, 127), so q never takes -128 and x ~ q * scale.
+
+Dispatch. CPU tensors run our C++ kernel (AVX2 with vpmaddwd on widened int16 operands, exact,
+chosen at run time; portable scalar fallback: `cpu_isa()`), which IS the fast CPU path of this op.
+CUDA tensors run the tensor-core kernel (mma.sync m16n8k32 s8, cp.async pipeline) when
+`tkd_core._C` was built with CUDA, else a clear error. The TRITON_INTERPRET rule of the other ops
+does not apply here: this op has no Triton kernel.
+
+Weights are packed once (`pack_weight`), activations per call (fused into the quantizer for
+`tkd_core.nn.Int8Linear`). Threads: `torch.get_num_threads()`.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from .kernels import utils
+
+try:
+    from . import _C
+    _C_ERROR = None
+except ImportError as e:  # the package was installed without building the extension
+    _C, _C_ERROR = None, e
+
+K_MAX = 131072  # int32 accumulation is exact up to here: K * 128 * 128 <= 2^31
+_X_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CUDA_OUT_KIND = {torch.int32: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def _ext():
+    if _C is None:
+        raise RuntimeError(f"tkd_core._C is not built ({_C_ERROR}); run `pip install -e .` from "
+                           "the repository root (needs a C++ compiler and pybind11)")
+    return _C
+
+
+def cpu_isa() -> str:
+    """The CPU kernel chosen at run time by feature detection: "avx2" or "scalar"."""
+    return _ext().cpu_isa()
+
+
+def cuda_built() -> bool:
+    """True when `tkd_core._C` contains the CUDA kernel (nvcc + CUDA torch at build time)."""
+    return _C is not None and bool(_C.with_cuda)
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+# ---------------------------------------------------------------------------------------------
+# torch references
+
+def int8_gemm_ref(a, b, a_scale=None, b_scale=None, bias=None, out_dtype=None):
+    """Reference: exact int32 a @ b.T (via float64, exact for K <= 131072), or the scaled float
+    result computed in float64 and cast to `out_dtype` (default float32)."""
+    acc = a.double() @ b.double().T  # (M, N), exact integers
+    if not _scaled(a_scale, b_scale, bias, out_dtype):
+        return acc.to(torch.int32)
+    M, N = acc.shape
+    y = acc * _vec(a_scale, M, a.device, torch.float64)[:, None]
+    y = y * _vec(b_scale, N, a.device, torch.float64)[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(out_dtype or torch.float32)
+
+
+def quantize_per_token_ref(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of `quantize_per_token` in torch (float32 math, same rounding)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)  # (...)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    q = torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+def _scaled(a_scale, b_scale, bias, out_dtype) -> bool:
+    return (a_scale is not None or b_scale is not None or bias is not None
+            or (out_dtype is not None and out_dtype != torch.int32))
+
+
+def _vec(s, n, device, dtype=torch.float32):
+    """A scale given as None (1), a Python number, a 0-d/1-element tensor, or (n,) -> (n,)."""
+    if s is None:
+        return torch.ones(n, dtype=dtype, device=device)
+    if not isinstance(s, torch.Tensor):
+        return torch.full((n,), float(s), dtype=dtype, device=device)
+    s = s.to(device=device, dtype=dtype)
+    return s.reshape(1).expand(n).contiguous() if s.numel() == 1 else s.contiguous()
+
+
+def _check_scale(name, s, n, what, device):
+    if s is None or isinstance(s, (int, float)):
+        return
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or a number, got {type(s).__name__}")
+    if not s.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {s.dtype}")
+    if s.device != device:
+        raise ValueError(f"{name} is on {s.device} but a is on {device}")
+    if not (s.numel() == 1 and s.dim() <= 1) and tuple(s.shape) != (n,):
+        raise ValueError(f"{name} must be a scalar or have shape ({n},) ({what}), "
+                         f"got shape {tuple(s.shape)}")
+
+
+def _validate_gemm(a, b, a_scale, b_scale, bias, out_dtype, *, packed_k=None):
+    utils.check_tensor("a", a, dtypes=(torch.int8,), ndim=2)
+    M, K = a.shape
+    if packed_k is None:
+        utils.check_tensor("b", b, dtypes=(torch.int8,), ndim=2, device=a.device)
+        N, Kb = b.shape
+        if Kb != K:
+            raise ValueError(f"K mismatch: a is (M, K) = {tuple(a.shape)} and b is (N, K) = "
+                             f"{tuple(b.shape)}; b must be in the nn.Linear weight layout (N, K)")
+    else:
+        N, Kb = packed_k
+        if Kb != K:
+            raise ValueError(f"K mismatch: a has K={K}, the packed weight has K={Kb}")
+    if K > K_MAX:
+        raise ValueError(f"K={K} > {K_MAX}: the int32 accumulator could overflow")
+    _check_scale("a_scale", a_scale, M, "per token", a.device)
+    _check_scale("b_scale", b_scale, N, "per channel", a.device)
+    if bias is not None:
+        utils.check_tensor("bias", bias, ndim=1, device=a.device)
+        if not bias.is_floating_point() or bias.shape[0] != N:
+            raise ValueError(f"bias must be a floating-point ({N},) tensor, got "
+                             f"{bias.dtype} {tuple(bias.shape)}")
+    scaled = _scaled(a_scale, b_scale, bias, out_dtype)
+    if out_dtype is not None:
+        if not scaled:
+            allowed = (torch.int32,)
+        else:
+            allowed = (torch.float32, torch.float16, torch.bfloat16) if a.is_cuda else (torch.float32,)
+        if out_dtype not in allowed:
+            names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+            raise ValueError(f"out_dtype must be one of ({names}) on {a.device.type} "
+                             f"{'with scales' if scaled else 'without scales'}, got {out_dtype}")
+    if a.is_cuda and not cuda_built():
+        raise RuntimeError("tkd_core._C was built without CUDA: int8_gemm on CUDA tensors needs "
+                           "the extension rebuilt with nvcc and a CUDA torch (pip install -e .)")
+    return M, N, K, scaled
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU path: packing + the AVX2/scalar kernel
+
+class PackedInt8Weight:
+    """An int8 (N, K) weight widened and packed once into the CPU kernel's panel layout."""
+
+    def __init__(self, b: torch.Tensor):
+        utils.check_tensor("b", b, dtypes=(torch.int8,), ndim=2)
+        if b.is_cuda:
+            raise ValueError("PackedInt8Weight is the CPU layout; CUDA uses the int8 (N, K) weight")
+        C = _ext()
+        self.N, self.K = b.shape
+        self.data = torch.empty(C.packed_b_numel(self.N, self.K), dtype=torch.int16)
+        C.pack_b(b.data_ptr(), self.N, self.K, b.stride(0), b.stride(1), self.data.data_ptr(),
+                 _threads())
+
+
+def pack_weight(b: torch.Tensor) -> PackedInt8Weight:
+    """Pack an int8 (N, K) CPU weight once for repeated `int8_gemm_packed` calls."""
+    return PackedInt8Weight(b)
+
+
+def _gemm_cpu(a_packed, w: PackedInt8Weight, M, scaled, a_scale, b_scale, bias, out_dtype,
+              device):
+    N, K = w.N, w.K
+    out = utils.empty((M, N), dtype=torch.float32 if scaled else torch.int32, device=device)
+    if M == 0 or N == 0:
+        return out
+    keep = []  # keep converted scale/bias tensors alive during the call
+    ptrs = [0, 0, 0]
+    if scaled:
+        keep = [_vec(a_scale, M, device), _vec(b_scale, N, device),
+                bias.float().contiguous() if bias is not None else None]
+        ptrs = [t.data_ptr() if t is not None else 0 for t in keep]
+    _ext().gemm_packed(a_packed.data_ptr(), w.data.data_ptr(), M, N, K, out.data_ptr(), N,
+                       *ptrs, _threads())
+    return out
+
+
+def _pack_a(a: torch.Tensor) -> torch.Tensor:
+    C = _ext()
+    M, K = a.shape
+    ap = torch.empty(C.packed_a_numel(M, K), dtype=torch.int16)
+    if M:
+        C.pack_a(a.data_ptr(), M, K, a.stride(0), a.stride(1), ap.data_ptr(), _threads())
+    return ap
+
+
+def int8_gemm_packed(a, w: PackedInt8Weight, a_scale=None, b_scale=None, bias=None,
+                     out_dtype=None):
+    """`int8_gemm` on the CPU with a weight packed once by `pack_weight`."""
+    M, N, K, scaled = _validate_gemm(a, None, a_scale, b_scale, bias, out_dtype,
+                                     packed_k=(w.N, w.K))
+    if a.is_cuda:
+        raise ValueError("int8_gemm_packed takes CPU tensors; call int8_gemm on CUDA")
+    return _gemm_cpu(_pack_a(a), w, M, scaled, a_scale, b_scale, bias, out_dtype, a.device)
+
+
+def quantized_linear_cpu(x2d: torch.Tensor, w: PackedInt8Weight, w_scale: torch.Tensor,
+                         bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Dynamic int8 linear on the CPU: per-token quantization fused with packing A (one read of
+    x), then the GEMM with the per-token x per-channel scale + bias epilogue. x2d: (M, K) float
+    -> float32 (M, N)."""
+    C = _ext()
+    M, K = x2d.shape
+    x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    scale = torch.empty(M, dtype=torch.float32)
+    ap = torch.empty(C.packed_a_numel(M, K), dtype=torch.int16)
+    if M:
+        C.quantize_rows(x2d.data_ptr(), _X_DTYPE_CODE[x2d.dtype], M, K, x2d.stride(0), 0,
+                        scale.data_ptr(), ap.data_ptr(), _threads())
+    return _gemm_cpu(ap, w, M, True, scale, w_scale, bias, torch.float32, x2d.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA path
+
+def _gemm_cuda(a, b, M, N, K, scaled, a_scale, b_scale, bias, out_dtype):
+    out_dtype = out_dtype or (torch.float32 if scaled else torch.int32)
+    out = utils.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return out
+    # the kernel reads a and b with a unit K stride and 16-byte-aligned rows (cp.async)
+    a = a if (a.stride(1) == 1 and a.stride(0) % 16 == 0) else _aligned_rows(a)
+    b = b if (b.stride(1) == 1 and b.stride(0) % 16 == 0) else _aligned_rows(b)
+    keep = [None, None, None]
+    if scaled:
+        keep = [_vec(a_scale, M, a.device), _vec(b_scale, N, a.device),
+                bias.float().contiguous() if bias is not None else None]
+    ptr = [t.data_ptr() if t is not None else 0 for t in keep]
+    stream = torch.cuda.current_stream(a.device).cuda_stream
+    _ext().gemm_cuda(a.data_ptr(), b.data_ptr(), M, N, K, a.stride(0), b.stride(0),
+                     out.data_ptr(), N, _CUDA_OUT_KIND[out_dtype], *ptr, stream)
+    return out
+
+
+def _aligned_rows(t):
+    """Copy t (R, K) into a buffer whose rows start 16-byte aligned (row stride % 16 == 0)."""
+    R, K = t.shape
+    buf = torch.zeros((R, (K + 15) // 16 * 16), dtype=t.dtype, device=t.device)
+    buf[:, :K] = t
+    return buf[:, :K]
+
+
+# ---------------------------------------------------------------------------------------------
+# public ops
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale=None, b_scale=None, bias=None,
+              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """a @ b.T for int8 a (M, K) and int8 b (N, K) (nn.Linear weight layout).
+
+    Without a_scale / b_scale / bias: the exact int32 (M, N) result. With them:
+    acc * a_scale[:, None] * b_scale[None, :] + bias, fused into the kernel's epilogue, where
+    a_scale is (M,) per token or a scalar, b_scale is (N,) per channel or a scalar (a missing one
+    counts as 1), bias is (N,). out_dtype: float32 on CPU; float16, bfloat16 or float32 on CUDA
+    (default float32). Any strides are accepted. Inference only (no autograd).
+    """
+    M, N, K, scaled = _validate_gemm(a, b, a_scale, b_scale, bias, out_dtype)
+    if a.is_cuda:
+        return _gemm_cuda(a, b, M, N, K, scaled, a_scale, b_scale, bias, out_dtype)
+    if M == 0 or N == 0:
+        return utils.empty((M, N), dtype=torch.float32 if scaled else torch.int32,
+                           device=a.device)
+    return _gemm_cpu(_pack_a(a), pack_weight(b), M, scaled, a_scale, b_scale, bias, out_dtype,
+                     a.device)
+
+
+def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8 quantization of x (..., K) (float32, float16 or bfloat16).
+
+    Returns (q int8 (..., K) in [-127, 127], scale float32 (...)) with scale = absmax / 127 per
+    row (1 for an all-zero row) and q = round_half_even(x / scale); x ~ q * scale[..., None].
+    On CPU one fused pass (one read of x); on CUDA the torch reference.
+    """
+    utils.check_tensor("x", x, dtypes=utils.FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dimension (..., K)")
+    K = x.shape[-1]
+    if K == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    if x.is_cuda:
+        return quantize_per_token_ref(x)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, K)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    M = x2d.shape[0]
+    q = utils.empty((M, K), dtype=torch.int8, device=x.device)
+    scale = utils.empty((M,), dtype=torch.float32, device=x.device)
+    if M:
+        _ext().quantize_rows(x2d.data_ptr(), _X_DTYPE_CODE[x.dtype], M, K, x2d.stride(0),
+                             q.data_ptr(), scale.data_ptr(), 0, _threads())
+    return q.reshape(*lead, K), scale.reshape(lead)
