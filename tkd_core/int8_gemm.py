@@ -240,8 +240,8 @@ def _gemm_cuda(a, b, M, N, K, scaled, a_scale, b_scale, bias, out_dtype):
     if M == 0 or N == 0:
         return out
     # the kernel reads a and b with a unit K stride and 16-byte-aligned rows (cp.async)
-    a = a if (a.stride(1) == 1 and a.stride(0) % 16 == 0) else _aligned_rows(a)
-    b = b if (b.stride(1) == 1 and b.stride(0) % 16 == 0) else _aligned_rows(b)
+    a = a if _cp_async_ready(a) else _aligned_rows(a)
+    b = b if _cp_async_ready(b) else _aligned_rows(b)
     keep = [None, None, None]
     if scaled:
         keep = [_vec(a_scale, M, a.device), _vec(b_scale, N, a.device),
@@ -251,6 +251,10 @@ def _gemm_cuda(a, b, M, N, K, scaled, a_scale, b_scale, bias, out_dtype):
     _ext().gemm_cuda(a.data_ptr(), b.data_ptr(), M, N, K, a.stride(0), b.stride(0),
                      out.data_ptr(), N, _CUDA_OUT_KIND[out_dtype], *ptr, stream)
     return out
+
+
+def _cp_async_ready(t):
+    return t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 def _aligned_rows(t):
