@@ -56,6 +56,10 @@ class MultiHeadAttention(nn.Module):
 
     forward(x (B, S, hidden), key_padding_mask (B, S) bool, True = attend) -> (B, S, hidden).
     `qkv.weight` is (3 * hidden, hidden): rows [0:h] are Q, [h:2h] K, [2h:3h] V.
+    Matches `F.scaled_dot_product_attention` on the same weights (softmax scale 1/sqrt(D));
+    `dropout` applies to the attention probabilities in training mode only; `causal` is
+    bottom-right aligned (see kernels/attention.py). q, k, v stay strided views of the fused
+    projection: the kernels take strides, no copy.
     """
 
     def __init__(self, hidden_size, num_heads, dropout=0.0, bias=True, causal=False,
