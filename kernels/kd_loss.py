@@ -98,10 +98,10 @@ def _kd_loss_fwd_kernel(
         if y == ignore_index:  # counts nowhere: zero loss, zero gradient
             tl.store(loss_ptr + row, 0.0)
             if COMPUTE_GRAD:
+                zeros = tl.zeros([BLOCK], tl.float32).to(g_ptr.dtype.element_ty)
                 for start in range(0, V, BLOCK):
                     cols = start + cols0
-                    tl.store(g_row + cols, tl.zeros([BLOCK], tl.float32).to(g_ptr.dtype.element_ty),
-                             mask=cols < V)
+                    tl.store(g_row + cols, zeros, mask=cols < V)
             return
 
     # sweep 1: running statistics of a = s/T, b = t/T (and s itself for the CE term)
@@ -429,8 +429,8 @@ def _fwd_spec(dtype, block, has_labels, compute_grad, rows_aligned):
         aligned += ("s_row_stride", "t_row_stride", "g_row_stride", "V")
     label = (f"kd_loss_fwd BLOCK={block} {ty} {'labels' if has_labels else 'nolabels'} "
              f"{'grad' if compute_grad else 'nograd'}{' V%16=0' if rows_aligned else ''}")
-    return AotSpec(label, _kd_loss_fwd_kernel, sig, const, num_warps=fwd_config(block)["num_warps"],
-                   aligned=aligned)
+    return AotSpec(label, _kd_loss_fwd_kernel, sig, const,
+                   num_warps=fwd_config(block)["num_warps"], aligned=aligned)
 
 
 def _bwd_spec(dtype, block, rows_aligned):

@@ -286,7 +286,8 @@ def test_reference_path_rejects_bad_label(reference_backend):
 def _bad_cases():
     s, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, IGNORE])
     return [
-        (dict(teacher_logits=torch.randn(4, 11)), ValueError, "teacher_logits must have the shape"),
+        (dict(teacher_logits=torch.randn(4, 11)), ValueError,
+         "teacher_logits must have the shape"),
         (dict(student_logits=torch.randn(4, 10, 1), teacher_logits=torch.randn(4, 10, 1)),
          ValueError, "student_logits must be 2-D"),
         (dict(teacher_logits=torch.randn(40)), ValueError, "teacher_logits must be 2-D"),
@@ -298,7 +299,8 @@ def _bad_cases():
          "teacher_logits is on meta"),
         (dict(labels=torch.zeros(4, dtype=torch.long, device="meta")), ValueError,
          "labels is on meta"),
-        (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, r"labels must have shape \(4,\)"),
+        (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError,
+         r"labels must have shape \(4,\)"),
         (dict(labels=torch.zeros(4, 1, dtype=torch.long)), ValueError, "labels must be 1-D"),
         (dict(labels=torch.zeros(4)), TypeError, "labels must have dtype"),
         (dict(labels=torch.tensor([0, 10, 1, 2])), ValueError, r"labels must be in \[0, 10\)"),
@@ -357,6 +359,16 @@ def test_fake_implementation_shapes():
         assert loss.shape == (3,) and grad.shape == (3, 8)
         loss, grad = kd._kd_loss_fwd_op(fs, ft, None, 1.0, 0.5, IGNORE, "sum", False)
         assert loss.shape == () and grad.numel() == 0
+
+
+def test_opcheck_registration():
+    # schema, fake tensor and autograd registration of both ops (tracing: test_torch_compile_*)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    s = torch.randn(3, 9, requires_grad=True)
+    args = (s, torch.randn(3, 9), torch.tensor([1, IGNORE, 8]), 2.0, 0.5, IGNORE, "mean", True)
+    torch.library.opcheck(kd._kd_loss_fwd_op, args, test_utils=checks)
+    torch.library.opcheck(kd._kd_loss_bwd_op, (torch.randn(3, 9), torch.rand(3)),
+                          test_utils=checks)
 
 
 def test_kd_loss_module():
