@@ -118,6 +118,21 @@ def test_non_contiguous_inputs_and_custom_scale():
         assert_close(a, b, TOL[torch.float16], what)
 
 
+def test_backward_saves_nothing_of_size_s_squared():
+    # what autograd keeps for the backward: q, k, v, O, L (B, H, S_q), the seed; no S x S mask
+    B, H, S_q, S_k, D = 1, 2, 64, 80, 16  # S_q * S_k = 5120 > S * D = 1280
+    q, k, v, mask = _inputs(B, H, S_q, S_k, D, torch.float16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = tkd_core.ops.attention(q, k, v, mask, causal=True, dropout_p=0.2)
+    assert saved, "no tensor went through the saved-tensor hooks"
+    biggest = max(t.numel() for t in saved)
+    assert biggest <= B * H * max(S_q, S_k) * D, [tuple(t.shape) for t in saved]
+    assert all(t.numel() < S_q * S_k for t in saved), [tuple(t.shape) for t in saved]
+    out.backward(torch.randn_like(out))
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
 # -- dropout -------------------------------------------------------------------------------------
 
 def test_dropout_zero_is_exact_and_draws_no_seed():
