@@ -23,6 +23,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   m.def("cpu_isa", &tkd::cpu_isa, "ISA of the CPU path chosen at run time: 'avx2' or 'scalar'");
+  m.def("set_cpu_isa", &tkd::set_cpu_isa, py::arg("isa"),
+        "'scalar' forces the portable path (for tests), 'auto' restores detection");
   m.def("packed_b_numel", &tkd::packed_b_numel, py::arg("N"), py::arg("K"));
   m.def("packed_a_numel", &tkd::packed_a_numel, py::arg("M"), py::arg("K"));
   m.def("pack_b", [](uintptr_t b, int64_t N, int64_t K, int64_t sn, int64_t sk, uintptr_t out,

@@ -194,7 +194,9 @@ TKD_AVX2 void micro_avx2(const int16_t* Ap, const int16_t* Bp, int64_t Kp, const
 using MicroFn = void (*)(const int16_t*, const int16_t*, int64_t, const Epilogue&, int64_t,
                          int64_t, int64_t);
 
-bool have_avx2() {
+int g_isa_override = -1;  // -1: auto-detect, 0: force scalar, 1: AVX2 if supported (tests)
+
+bool cpu_has_avx2() {
 #if TKD_X86 && (defined(__GNUC__) || defined(__clang__))
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -202,6 +204,8 @@ bool have_avx2() {
   return false;
 #endif
 }
+
+bool have_avx2() { return g_isa_override == 0 ? false : cpu_has_avx2(); }
 
 MicroFn micro_for(int64_t rows, bool avx2) {
 #if TKD_X86
@@ -317,6 +321,12 @@ const float* row_as_float(const void* x, int dtype, int64_t K, float* buf) {
 // Public entry points (raw pointers; the Python wrapper validated shapes, dtypes, strides)
 
 std::string cpu_isa() { return have_avx2() ? "avx2" : "scalar"; }
+
+std::string set_cpu_isa(const std::string& isa) {
+  if (isa == "scalar") g_isa_override = 0;
+  else if (isa == "auto" || isa == "avx2") g_isa_override = -1;
+  return cpu_isa();
+}
 
 int64_t packed_b_numel(int64_t N, int64_t K) { return round_up(N, NR) * even(K); }
 int64_t packed_a_numel(int64_t M, int64_t K) { return M * even(K); }

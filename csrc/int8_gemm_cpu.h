@@ -7,6 +7,8 @@
 namespace tkd {
 
 std::string cpu_isa();  // "avx2" or "scalar": the path chosen by CPU feature detection
+// "scalar" forces the portable path (tests), "auto" restores detection; returns cpu_isa()
+std::string set_cpu_isa(const std::string& isa);
 
 // int16 elements of the packed (widened) operands
 int64_t packed_b_numel(int64_t N, int64_t K);

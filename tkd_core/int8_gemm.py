@@ -52,6 +52,13 @@ def cpu_isa() -> str:
     return _ext().cpu_isa()
 
 
+def set_cpu_isa(isa: str) -> str:
+    """Force the CPU path: "scalar" (the portable fallback, for tests) or "auto" (detection)."""
+    if isa not in ("scalar", "auto"):
+        raise ValueError(f"isa must be 'scalar' or 'auto', got {isa!r}")
+    return _ext().set_cpu_isa(isa)
+
+
 def cuda_built() -> bool:
     """True when `tkd_core._C` contains the CUDA kernel (nvcc + CUDA torch at build time)."""
     return _C is not None and bool(_C.with_cuda)

@@ -1,0 +1,397 @@
+"""INT8 GEMM extension tkd_core._C: exactness (CPU AVX2 and scalar), fused epilogue, per-token
+quantizer, Int8Linear accuracy, thread invariance, input validation, quantize_model, and the CUDA
+kernel compiled standalone by nvcc (IMMA in the SASS, no local-memory spills).
+
+Reference for the int32 results: a float64 matmul of the int8 values, which is exact here (every
+partial sum is an integer of magnitude <= K * 128^2 < 2^53); `test_float64_reference_is_int64`
+checks that against a true int64 matmul.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import assert_close
+
+import tkd_core
+from tkd_core import int8_gemm as G
+from tkd_core.nn import Int8Linear
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+CUDA_SRC = os.path.join(ROOT, "csrc", "int8_gemm_cuda.cu")
+ARCHS = ("80", "86", "89", "90a")
+
+
+def rand_i8(*shape, lo=-127, hi=127):
+    return torch.randint(lo, hi + 1, shape, dtype=torch.int8)
+
+
+def exact(a, b):
+    return (a.double() @ b.double().T).long()  # exact: see the module docstring
+
+
+@pytest.fixture
+def threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def scalar_isa():
+    G.set_cpu_isa("scalar")
+    yield
+    G.set_cpu_isa("auto")
+
+
+# ------------------------------------------------------------------------------------------
+# exactness
+
+def test_cpu_isa_is_detected():
+    assert G.cpu_isa() in ("avx2", "scalar")
+    import platform
+    if platform.machine() == "x86_64" and "avx2" in open("/proc/cpuinfo").read():
+        assert G.cpu_isa() == "avx2"
+
+
+def test_float64_reference_is_int64():
+    a, b = rand_i8(33, 4099, lo=-128), rand_i8(40, 4099, lo=-128)
+    assert torch.equal(exact(a, b), a.long() @ b.long().T)
+
+
+@pytest.mark.parametrize("M", [1, 2, 17, 64, 257])
+@pytest.mark.parametrize("K", [1, 3, 16, 31, 768, 3072, 4099])
+def test_exact_random(M, K):
+    a = rand_i8(M, K)
+    for N in (1, 5, 8, 768, 3072):
+        b = rand_i8(N, K)
+        out = tkd_core.ops.int8_gemm(a, b)
+        assert out.dtype == torch.int32 and out.shape == (M, N)
+        assert torch.equal(out.long(), exact(a, b)), f"M={M} K={K} N={N}"
+
+
+@pytest.mark.parametrize("M,K,N", [(257, 4099, 768), (17, 3072, 5), (64, 31, 3072), (1, 4099, 8)])
+def test_exact_extremes(M, K, N):
+    """All-±127 operands: every vpmaddubsw pair of fbgemm's u8 x s8 route could saturate here."""
+    for a, b in [
+        (torch.full((M, K), 127, dtype=torch.int8), torch.full((N, K), 127, dtype=torch.int8)),
+        (torch.full((M, K), -127, dtype=torch.int8), torch.full((N, K), 127, dtype=torch.int8)),
+        (torch.full((M, K), -127, dtype=torch.int8), torch.full((N, K), -127, dtype=torch.int8)),
+        (rand_i8(M, K, lo=0, hi=1) * 254 - 127, rand_i8(N, K, lo=0, hi=1) * 254 - 127),
+    ]:
+        a, b = a.to(torch.int8), b.to(torch.int8)
+        assert torch.equal(tkd_core.ops.int8_gemm(a, b).long(), exact(a, b))
+    full = tkd_core.ops.int8_gemm(torch.full((M, K), 127, dtype=torch.int8),
+                                  torch.full((N, K), 127, dtype=torch.int8))
+    assert (full == 127 * 127 * K).all()
+
+
+def test_exact_with_minus_128():
+    a, b = rand_i8(19, 1001, lo=-128), rand_i8(37, 1001, lo=-128)
+    a[0], b[0] = -128, -128
+    assert torch.equal(tkd_core.ops.int8_gemm(a, b).long(), exact(a, b))
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 33, 21), (64, 768, 37), (13, 4099, 16)])
+def test_exact_scalar_fallback(scalar_isa, M, K, N):
+    assert G.cpu_isa() == "scalar"
+    a, b = rand_i8(M, K), rand_i8(N, K)
+    assert torch.equal(tkd_core.ops.int8_gemm(a, b).long(), exact(a, b))
+    sa, sb, bias = torch.rand(M) + 0.5, torch.rand(N) + 0.5, torch.randn(N)
+    y = tkd_core.ops.int8_gemm(a, b, sa, sb, bias)
+    ref = exact(a, b).double() * sa.double()[:, None] * sb.double()[None, :] + bias.double()
+    assert_close(y, ref, 1e-6, "scalar epilogue")
+    x = torch.randn(M, K)
+    q, s = tkd_core.ops.quantize_per_token(x)
+    qr, sr = G.quantize_per_token_ref(x)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+
+
+# ------------------------------------------------------------------------------------------
+# fused epilogue
+
+@pytest.mark.parametrize("M,K,N", [(1, 768, 768), (17, 31, 5), (257, 3072, 8), (64, 4099, 771)])
+def test_epilogue_against_float64(M, K, N):
+    a, b = rand_i8(M, K), rand_i8(N, K)
+    acc = exact(a, b).double()
+    sa, sb, bias = torch.rand(M) * 0.1 + 1e-3, torch.rand(N) * 0.1 + 1e-3, torch.randn(N) * 50
+    cases = [
+        ((sa, sb, bias), acc * sa.double()[:, None] * sb.double()[None, :] + bias.double()),
+        ((sa, sb, None), acc * sa.double()[:, None] * sb.double()[None, :]),
+        ((0.02, torch.tensor(0.5), None), acc * 0.02 * 0.5),
+        ((torch.tensor([0.3]), sb, bias), acc * 0.3 * sb.double()[None, :] + bias.double()),
+        ((None, None, bias), acc + bias.double()),
+    ]
+    for (a_s, b_s, bi), ref in cases:
+        y = tkd_core.ops.int8_gemm(a, b, a_s, b_s, bi)
+        assert y.dtype == torch.float32 and y.shape == (M, N)
+        assert_close(y, ref, 2e-7, "epilogue")  # float32 rounding of acc and of the products
+        ref_t = G.int8_gemm_ref(a, b, a_s, b_s, bi)
+        assert_close(ref_t, ref, 1e-7, "int8_gemm_ref")
+
+
+def test_out_dtype():
+    a, b = rand_i8(5, 64), rand_i8(7, 64)
+    assert tkd_core.ops.int8_gemm(a, b, out_dtype=torch.int32).dtype == torch.int32
+    assert tkd_core.ops.int8_gemm(a, b, 1.0, 1.0, out_dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match="out_dtype"):
+        tkd_core.ops.int8_gemm(a, b, 1.0, 1.0, out_dtype=torch.float16)  # CUDA only
+    with pytest.raises(ValueError, match="out_dtype"):
+        tkd_core.ops.int8_gemm(a, b, out_dtype=torch.int8)
+
+
+# ------------------------------------------------------------------------------------------
+# per-token quantizer
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (3, 5, 257), (64, 4099)])
+def test_quantize_per_token(dtype, shape):
+    x = (torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 10).to(dtype)
+    x.view(-1, shape[-1])[0, 0] = -x.view(-1, shape[-1])[0].abs().max() - 1  # hits -absmax
+    q, s = tkd_core.ops.quantize_per_token(x)
+    qr, sr = G.quantize_per_token_ref(x)
+    assert q.dtype == torch.int8 and q.shape == x.shape and s.shape == x.shape[:-1]
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    assert q.min() >= -127 and q.view(-1, shape[-1])[0, 0] == -127
+    xf = x.double()
+    assert torch.allclose(s.double(), xf.abs().amax(-1) / 127, rtol=1e-6)
+    err = (q.double() * s.double()[..., None] - xf).abs()
+    assert (err <= s.double()[..., None] / 2 * (1 + 1e-5)).all()  # round to nearest
+
+
+def test_quantize_zero_row_and_noncontiguous():
+    x = torch.randn(6, 40)
+    x[2] = 0
+    q, s = tkd_core.ops.quantize_per_token(x)
+    assert torch.isfinite(s).all() and s[2] > 0 and (q[2] == 0).all()
+    xt = torch.randn(40, 6).T  # (6, 40) with a non-unit last stride
+    q, s = tkd_core.ops.quantize_per_token(xt)
+    qr, sr = G.quantize_per_token_ref(xt.contiguous())
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        tkd_core.ops.quantize_per_token(torch.ones(3, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="last dimension"):
+        tkd_core.ops.quantize_per_token(torch.ones(3, 0))
+
+
+# ------------------------------------------------------------------------------------------
+# Int8Linear, threads, quantize_model
+
+def sqnr_db(y, ref):
+    return 10 * torch.log10(ref.double().pow(2).mean() / (y.double() - ref.double()).pow(2).mean())
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 768, 768), (77, 768, 3072), (33, 3072, 768)])
+def test_int8_linear_sqnr(M, K, N):
+    lin = torch.nn.Linear(K, N)
+    x = torch.randn(M, K)
+    q = Int8Linear.from_float(lin)
+    with torch.no_grad():
+        y, ref = q(x), lin(x)
+        db = sqnr_db(y, ref)
+        assert db >= 35, f"SQNR {db:.1f} dB < 35 dB"
+        # it is exactly the int8 GEMM of the quantized operands with the fused epilogue
+        qx, sx = G.quantize_per_token_ref(x)
+        expect = G.int8_gemm_ref(qx, q.weight, sx, q.weight_scale, q.bias)
+        assert_close(y, expect, 2e-7, "Int8Linear vs its int8 reference")
+
+
+def test_int8_linear_module_behaviour():
+    lin = torch.nn.Linear(64, 24)
+    q = Int8Linear.from_float(lin)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        y = q(x)
+        assert y.shape == (2, 5, 24) and y.dtype == torch.float32
+        assert q(x.bfloat16()).dtype == torch.bfloat16
+    assert sorted(q.state_dict()) == ["bias", "weight", "weight_scale"]
+    assert q.weight.dtype == torch.int8 and q.weight.abs().max() <= 127
+    q2 = Int8Linear(64, 24)
+    q2.load_state_dict(q.state_dict())  # repacks the loaded weight
+    with torch.no_grad():
+        assert torch.equal(q2(x), y)
+    with pytest.raises(RuntimeError, match="inference only"):
+        q(x.requires_grad_())
+    with pytest.raises(ValueError, match="in_features"):
+        with torch.no_grad():
+            q(torch.randn(3, 63))
+    nb = Int8Linear.from_float(torch.nn.Linear(64, 24, bias=False))
+    with torch.inference_mode():
+        assert nb(x).shape == (2, 5, 24)
+
+
+def test_same_result_at_1_and_2_threads(threads):
+    a, b = rand_i8(131, 1000), rand_i8(515, 1000)
+    sa, sb, bias = torch.rand(131), torch.rand(515), torch.randn(515)
+    lin = Int8Linear.from_float(torch.nn.Linear(1000, 515))
+    x = torch.randn(131, 1000)
+    outs = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        with torch.no_grad():
+            outs.append((tkd_core.ops.int8_gemm(a, b), tkd_core.ops.int8_gemm(a, b, sa, sb, bias),
+                         lin(x), tkd_core.ops.quantize_per_token(x)[0]))
+    for o1, o2 in zip(*outs):
+        assert torch.equal(o1, o2)
+
+
+def test_quantize_model():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
+                                torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()),
+                                torch.nn.Linear(64, 3))
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        ref = model(x)
+    report = tkd_core.quantize_model(model, skip=["3"])
+    assert [n for n, _, _ in report.converted] == ["0", "2.0"]
+    assert report.skipped == [("3", "matched skip")]
+    assert "converted 2" in str(report)
+    assert isinstance(model[0], Int8Linear) and isinstance(model[2][0], Int8Linear)
+    assert type(model[3]) is torch.nn.Linear
+    with torch.no_grad():
+        assert sqnr_db(model(x), ref) > 25
+    mha = tkd_core.nn.MultiHeadAttention(32, 4)
+    r2 = tkd_core.quantize_model(mha, skip=lambda name, m: name == "out")
+    assert [n for n, _, _ in r2.converted] == ["qkv"] and isinstance(mha.qkv, Int8Linear)
+    with pytest.raises(TypeError, match="from_float"):
+        tkd_core.quantize_model(torch.nn.Linear(4, 4))
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+
+def test_bad_inputs():
+    a, b = rand_i8(4, 16), rand_i8(5, 16)
+    with pytest.raises(TypeError, match="a must have dtype"):
+        tkd_core.ops.int8_gemm(a.float(), b)
+    with pytest.raises(TypeError, match="b must have dtype"):
+        tkd_core.ops.int8_gemm(a, b.to(torch.int16))
+    with pytest.raises(ValueError, match="K mismatch"):
+        tkd_core.ops.int8_gemm(a, rand_i8(5, 17))
+    with pytest.raises(ValueError, match="b must be 2-D"):
+        tkd_core.ops.int8_gemm(a, rand_i8(5, 16, 1))
+    with pytest.raises(ValueError, match=r"a_scale must be a scalar or have shape \(4,\)"):
+        tkd_core.ops.int8_gemm(a, b, torch.ones(5), torch.ones(5))
+    with pytest.raises(ValueError, match=r"b_scale must be a scalar or have shape \(5,\)"):
+        tkd_core.ops.int8_gemm(a, b, torch.ones(4), torch.ones(4, 5))
+    with pytest.raises(TypeError, match="a_scale must be a floating-point"):
+        tkd_core.ops.int8_gemm(a, b, torch.ones(4, dtype=torch.int32), torch.ones(5))
+    with pytest.raises(ValueError, match="bias"):
+        tkd_core.ops.int8_gemm(a, b, torch.ones(4), torch.ones(5), torch.ones(4))
+    with pytest.raises(ValueError, match="K=200000"):
+        tkd_core.ops.int8_gemm(rand_i8(1, 200000), rand_i8(1, 200000))
+
+
+def test_noncontiguous_inputs_are_handled():
+    a_t = rand_i8(300, 37).T  # (37, 300), strides (1, 37)
+    b_s = rand_i8(20, 600)[::2, ::2]  # (10, 300), strides (1200, 2)
+    assert not a_t.is_contiguous() and not b_s.is_contiguous()
+    assert torch.equal(tkd_core.ops.int8_gemm(a_t, b_s).long(), exact(a_t, b_s))
+    sa = (torch.rand(74) + 0.1)[::2]
+    y = tkd_core.ops.int8_gemm(a_t, b_s, sa, 0.5)
+    assert_close(y, exact(a_t, b_s).double() * sa.double()[:, None] * 0.5, 2e-7, "strided")
+
+
+def test_empty_and_k0():
+    for M, N in [(0, 5), (4, 0), (0, 0)]:
+        out = tkd_core.ops.int8_gemm(rand_i8(M, 16), rand_i8(N, 16))
+        assert out.shape == (M, N) and out.dtype == torch.int32
+        y = tkd_core.ops.int8_gemm(rand_i8(M, 16), rand_i8(N, 16), torch.ones(M), torch.ones(N))
+        assert y.shape == (M, N) and y.dtype == torch.float32
+    out = tkd_core.ops.int8_gemm(rand_i8(3, 0), rand_i8(4, 0))
+    assert torch.equal(out, torch.zeros(3, 4, dtype=torch.int32))
+    bias = torch.randn(4)
+    assert torch.equal(tkd_core.ops.int8_gemm(rand_i8(3, 0), rand_i8(4, 0), 1.0, 1.0, bias),
+                       bias.expand(3, 4))
+    with torch.no_grad():
+        assert Int8Linear.from_float(torch.nn.Linear(8, 3))(torch.randn(0, 8)).shape == (0, 3)
+
+
+class _FakeCuda(torch.Tensor):
+    """A CPU tensor that claims to live on CUDA: reaches the CUDA branch on a CPU-only torch."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+@pytest.mark.skipif(G.cuda_built(), reason="this build has the CUDA kernel")
+def test_cuda_tensors_on_cpu_only_build():
+    a, b = rand_i8(4, 16).as_subclass(_FakeCuda), rand_i8(5, 16).as_subclass(_FakeCuda)
+    with pytest.raises(RuntimeError, match="built without CUDA"):
+        tkd_core.ops.int8_gemm(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# build configuration and the CUDA kernel compiled standalone
+
+def _build_ext():
+    sys.path.insert(0, os.path.join(ROOT, "csrc"))
+    try:
+        import build_ext
+    finally:
+        sys.path.pop(0)
+    return build_ext
+
+
+def test_build_config(monkeypatch):
+    be = _build_ext()
+    monkeypatch.delenv("TKD_CUDA_ARCHS", raising=False)
+    assert be.cuda_archs() == ["80", "86", "89", "90a"]
+    monkeypatch.setenv("TKD_CUDA_ARCHS", "sm_80, 90a")
+    assert be.cuda_archs() == ["80", "90a"]
+    assert be.gencode_flags(["90a"]) == ["-gencode=arch=compute_90a,code=sm_90a"]
+    monkeypatch.setenv("TKD_CUDA_ARCHS", "ampere")
+    with pytest.raises(ValueError, match="TKD_CUDA_ARCHS"):
+        be.cuda_archs()
+    monkeypatch.delenv("TKD_WITH_CUDA", raising=False)
+    if torch.version.cuda is None:  # this torch is a CPU build: the CUDA part is not built
+        assert be.installed_torch_cuda() is None
+        nvcc, why = be.want_cuda()
+        assert nvcc is None and why
+        assert not G.cuda_built()
+
+
+def _cuobjdump():
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+@pytest.fixture(scope="module")
+def cuda_fatbin(tmp_path_factory):
+    """The CUDA source compiled once by nvcc for every architecture, in one call."""
+    nvcc = _build_ext().find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    out = str(tmp_path_factory.mktemp("cuda") / "int8_gemm.fatbin")
+    cmd = [nvcc, "-fatbin", "-O3", "-std=c++17", CUDA_SRC, "-o", out,
+           *_build_ext().gencode_flags(ARCHS)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"nvcc failed:\n{res.stderr[-3000:]}"
+    return out
+
+
+def test_cuda_kernel_compiles_with_imma_and_no_spills(cuda_fatbin):
+    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", cuda_fatbin],
+                           capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([_cuobjdump(), "-sass", cuda_fatbin],
+                          capture_output=True, text=True, check=True).stdout
+    for arch in ARCHS:
+        # per-architecture section of the resource report
+        sec = re.search(rf"arch = sm_{arch}\n(.*?)(?=arch = sm_|\Z)", usage, re.S)
+        assert sec, f"no sm_{arch} code in the fatbin"
+        funcs = re.findall(r"Function (\S*int8_gemm_kernel\S*):\s*\n\s*REG:(\d+) STACK:(\d+) "
+                           r"SHARED:\d+ LOCAL:(\d+)", sec.group(1))
+        assert len(funcs) == 4, f"sm_{arch}: expected 4 kernel variants, got {funcs}"
+        for name, regs, stack, local in funcs:
+            assert int(local) == 0 and int(stack) == 0, f"sm_{arch} {name} spills: LOCAL={local}"
+            assert int(regs) <= 255
+        ssec = re.search(rf"arch = sm_{arch}\n(.*?)(?=arch = sm_|\Z)", sass, re.S)
+        assert ssec and "IMMA.16832.S8.S8" in ssec.group(1), f"sm_{arch}: no IMMA in the SASS"
