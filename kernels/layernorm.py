@@ -7,7 +7,8 @@ returned so pre-LN models keep their residual stream):
     xhat = (h - mean) * rstd     y = xhat * w + b
 
 Statistics are fp32 for every input dtype; mean and rstd are saved (fp32, one per row) for the
-backward. Backward, with g = w * dy (per element) and dxhat/dh = rstd * (I - 1/N - xhat xhat^T / N):
+backward. Backward: with g = w * dy and d rstd / d h_j = -rstd^2 * xhat_j / N, the Jacobian is
+d xhat_i / d h_j = rstd * (delta_ij - 1/N - xhat_i * xhat_j / N), so
 
     dh = rstd * (g - xhat * c1 - c2),   c1 = sum(g * xhat) / N,   c2 = sum(g) / N
     dw = sum_rows(dy * xhat)            db = sum_rows(dy)
@@ -15,18 +16,20 @@ backward. Backward, with g = w * dy (per element) and dxhat/dh = rstd * (I - 1/N
 With a residual, the gradient arriving at the returned h = x + residual is added to dh in the same
 kernel, and dx = dresidual = dh.
 
-Kernels and tiling (the heuristic is `config(N)`, shared by the launchers and `aot_specs()`):
-- N <= MAX_BLOCK (forward; MAX_BLOCK_BWD backward): the row lives in registers as one BLOCK_N = next_pow2(N) tile; small rows are
-  packed ROWS to a program (a (ROWS, BLOCK_N) tile of ~SMALL_TILE elements).
-  Forward: one program per ROWS rows. Backward: a fixed number of programs, each looping over row
-  tiles and keeping its dw/db partial sums in registers, stored to a (num_programs, BLOCK_N) fp32
-  buffer that the launcher sums (two-stage reduction, no atomics).
-- Wider rows: a whole row would spill registers, so one row per program is swept in CHUNK-wide
-  column chunks twice: statistics (chunk mean / M2 merged with Chan's formula, exact for rows
-  with a large mean), then normalize. The backward sweeps c1/c2, then dx; its dw/db partial row
-  (owned by the program, first row stores, later rows accumulate) lives in the same buffer.
+Kernels and tiling (one heuristic, `config(N, backward)`, used by the launchers and `aot_specs()`):
+- N <= MAX_BLOCK (MAX_BLOCK_BWD for the backward): a row lives in registers as one
+  BLOCK_N = next_pow2(N) tile; short rows are packed ROWS to a program ((ROWS, BLOCK_N) tile of
+  SMALL_TILE elements). Forward: one program per ROWS rows. Backward: a fixed number of programs,
+  each looping over row tiles with its dw/db partial sums in registers, stored to a
+  (num_programs, BLOCK_N) fp32 buffer that the launcher sums (two-stage reduction, no atomics).
+- Wider rows would spill registers: one row per program, swept in CHUNK-wide column chunks
+  twice. Forward: statistics (per-chunk mean and M2 merged with Chan's formula, stable for rows
+  with a large mean; h = x + residual is written here), then normalize. Backward: c1 and c2,
+  then dx, accumulating dy * xhat and dy into the program's own (num_programs, N) partial row
+  (its first row stores, later rows add).
 """
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -261,10 +264,16 @@ def _layer_norm_bwd_chunked(
 # ----------------------------------------------------------------------------- launchers
 
 
+@functools.lru_cache(maxsize=16)
+def _filled(N: int, fill: float, device: torch.device) -> torch.Tensor:
+    return torch.full((N,), fill, dtype=torch.float32, device=device)  # read-only, never returned
+
+
 def _affine32(t: Optional[torch.Tensor], N: int, fill: float, device) -> torch.Tensor:
-    """Weight or bias as contiguous fp32 (N,) (ones / zeros when absent): one kernel variant."""
+    """Weight or bias as contiguous fp32 (N,), ones / zeros when absent, so one kernel variant
+    serves every weight dtype and presence (a no-op for fp32 parameters, the usual case)."""
     if t is None:
-        return torch.full((N,), fill, dtype=torch.float32, device=device)
+        return _filled(N, fill, device)
     return t.detach().to(torch.float32).contiguous()
 
 

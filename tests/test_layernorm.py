@@ -88,7 +88,9 @@ def check(M, N, dtype, affine="wb", residual=False, lead=None, x=None):
                 assert_close(g, e, t, f"{name} ({M}x{N} {dtype})")
 
 
-SHAPES = [(m, n) for m in (1, 3) for n in (1, 2, 7, 768, 1000, 4099)] + [(257, n) for n in (1, 2, 7)]
+# 257 rows only with short rows (the interpreter's cost grows with programs x tile size)
+SHAPES = ([(m, n) for m in (1, 3) for n in (1, 2, 7, 768, 1000, 4099)]
+          + [(257, n) for n in (1, 2, 7)])
 # 65536: the longest row (swept in 16 chunks); 8193: just above the forward's single-tile limit
 # (4099 is already above the backward's, see ln.config)
 CHUNKED = [(1, 65536), (2, 8193)]
