@@ -265,6 +265,18 @@ def test_torch_compile_fullgraph_traces_the_custom_op():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+def test_opcheck_of_the_custom_ops():
+    # schema, fake (meta) implementations, autograd registration, AOT dispatch with dynamic shapes
+    q, k, v = (torch.randn(1, 2, s, 16, requires_grad=True) for s in (5, 7, 7))
+    mask = torch.tensor([[True] * 5 + [False] * 2])
+    seed = A.dropout_seed("cpu")
+    torch.library.opcheck(torch.ops.tkd.attention_fwd.default, (q, k, v, mask, seed, True, 0.2, 0.25))
+    o, lse = A.attention_fwd(q.detach(), k.detach(), v.detach(), mask, seed, True, 0.2, 0.25)
+    args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, mask, seed, True,
+            0.2, 0.25)
+    torch.library.opcheck(torch.ops.tkd.attention_bwd.default, args)
+
+
 def test_reference_path_on_cpu(reference_backend):
     assert tkd_core.ops.backend(torch.zeros(1)) == "reference"
     q, k, v, mask = _inputs(2, 2, 30, 20, 24, torch.float32)
