@@ -68,8 +68,9 @@ def _dropout_keep(seed, bh, offs, dropout_p):
 @triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """tl.dot with an fp32 accumulator. UPCAST_DOT (set only for bf16 in Triton's interpreter,
-    whose numpy dot multiplies bf16 bit patterns as integers) computes the same products in fp32:
-    bf16 x bf16 is exact in fp32, as on the tensor cores."""
+    whose numpy dot multiplies bf16 bit patterns as integers: triton-lang/triton#11584, bf16 is
+    unsupported there) computes the same products in fp32: bf16 x bf16 is exact in fp32, as on
+    the tensor cores. Compiled kernels never set it (aot_specs: UPCAST_DOT=False)."""
     if UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=DOT_PRECISION)
