@@ -30,7 +30,7 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.2", "numpy>=1.24"],
     extras_require={
         "train": ["tokenizers>=0.15", "datasets>=2.18", "tqdm>=4.66", "safetensors>=0.4",
-                  "matplotlib>=3.7"],
+                  "matplotlib>=3.7", "scikit-learn>=1.3"],
         "test": ["pytest>=7", "hypothesis>=6"],
     },
     zip_safe=False,
