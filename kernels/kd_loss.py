@@ -33,11 +33,18 @@ sum p_t = 1, d KL / d a = p_s - p_t, and da/ds = 1/T, so
                  = T * (p_s - p_t)                                          (labels=None)
                  = 0                                                        (ignored rows)
 
+Tiling: one program per row with 4096-column tiles for any V > 8, and 64 rows x 8 columns per
+program for tiny V (classification heads with 2-3 classes), where one row per program would
+leave the GPU launching thousands of nearly empty programs (`config`, used by the launchers and
+`aot_specs`).
+
 Once a row's statistics are known, a second sweep over its columns writes this gradient (as
 Liger-Kernel's cross-entropy does), times the reduction factor (1/count for "mean"), so the
 backward only multiplies it by the upstream gradient: a scalar for "sum"/"mean", one value per
 row for "none". The teacher gets no gradient. The gradient is only computed when the student
-requires grad.
+requires grad. The backward writes a new tensor rather than scaling the saved one in place: a
+second backward (retain_graph=True) must see the unscaled gradient again. That costs one more
+read + write of (N, V) than Liger-Kernel's in-place multiply.
 """
 import math
 from typing import Optional
@@ -60,15 +67,16 @@ MAX_V = 262144  # largest vocabulary tested and listed by aot_specs (larger V: s
 
 @triton.jit
 def _online_update(m, d, x):
-    """Fold a tile x (BLOCK,) into the running max m and rescaled sum d of exp(x - m).
+    """Fold a tile x (ROWS, BLOCK) into the running row maxima m (ROWS,) and rescaled sums
+    d (ROWS,) of exp(x - m).
 
-    Returns (m_new, d_new, shift, e): shift = m_new, or 0 while the max is still -inf (a tile
-    of only -inf entries), e = exp(x - shift) (0 at -inf entries, never NaN).
+    Returns (m_new, d_new, shift, e): shift = m_new, or 0 while a row's max is still -inf (a
+    tile of only -inf entries), e = exp(x - shift) (0 at -inf entries, never NaN).
     """
-    m_new = tl.maximum(m, tl.max(x, axis=0))
+    m_new = tl.maximum(m, tl.max(x, axis=1))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    e = tl.exp(x - shift)
-    d_new = d * tl.exp(m - shift) + tl.sum(e, axis=0)
+    e = tl.exp(x - shift[:, None])
+    d_new = d * tl.exp(m - shift) + tl.sum(e, axis=1)
     return m_new, d_new, shift, e
 
 
@@ -80,43 +88,42 @@ def _kd_loss_fwd_kernel(
     loss_ptr,                   # per-row loss (N,) fp32; 0 for ignored rows
     g_ptr, g_row_stride,        # d loss_row / d s (N, V) in the student dtype (COMPUTE_GRAD)
     scale_ptr,                  # (1,) fp32 reduction factor folded into g: 1/count for "mean"
-    V,                          # number of classes (columns)
+    N, V,                       # rows, classes (columns)
     inv_T, T, alpha,            # 1/temperature, temperature, weight of the soft term
     ignore_index,               # label value of rows that do not count
+    ROWS: tl.constexpr,         # rows per program (> 1 only for tiny V)
     BLOCK: tl.constexpr,        # column tile
     HAS_LABELS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_row_stride
-    t_row = t_ptr + row * t_row_stride
-    g_row = g_ptr + row * g_row_stride
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+    row_ok = rows < N
+    s_rows = s_ptr + rows[:, None] * s_row_stride  # (ROWS, 1)
+    t_rows = t_ptr + rows[:, None] * t_row_stride
     cols0 = tl.arange(0, BLOCK)
-
     if HAS_LABELS:
-        y = tl.load(y_ptr + row)
-        if y == ignore_index:  # counts nowhere: zero loss, zero gradient
-            tl.store(loss_ptr + row, 0.0)
-            if COMPUTE_GRAD:
-                zeros = tl.zeros([BLOCK], tl.float32).to(g_ptr.dtype.element_ty)
-                for start in range(0, V, BLOCK):
-                    cols = start + cols0
-                    tl.store(g_row + cols, zeros, mask=cols < V)
-            return
+        y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
+        counted = row_ok & (y != ignore_index)  # ignored rows: no loads, zero loss and grad
+    else:
+        counted = row_ok
+    live = counted[:, None]  # (ROWS, 1)
 
-    # sweep 1: running statistics of a = s/T, b = t/T (and s itself for the CE term)
-    m_a = tl.full([], float("-inf"), tl.float32)
-    m_b = tl.full([], float("-inf"), tl.float32)
-    m_s = tl.full([], float("-inf"), tl.float32)
-    d_a = tl.zeros([], tl.float32)
-    d_b = tl.zeros([], tl.float32)
-    d_s = tl.zeros([], tl.float32)
-    c = tl.zeros([], tl.float32)  # sum_j exp(b_j - m_b) * (b_j - a_j)
+    # sweep 1: running row statistics of a = s/T, b = t/T (and s itself for the CE term)
+    m_a = tl.full([ROWS], float("-inf"), tl.float32)
+    m_b = tl.full([ROWS], float("-inf"), tl.float32)
+    m_s = tl.full([ROWS], float("-inf"), tl.float32)
+    d_a = tl.zeros([ROWS], tl.float32)
+    d_b = tl.zeros([ROWS], tl.float32)
+    d_s = tl.zeros([ROWS], tl.float32)
+    c = tl.zeros([ROWS], tl.float32)  # sum_j exp(b_j - m_b) * (b_j - a_j)
     for start in range(0, V, BLOCK):
         cols = start + cols0
-        mask = cols < V
-        s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        in_row = (cols < V)[None, :]  # (1, BLOCK)
+        # rows that do not count read zeros (finite statistics, discarded), padding reads -inf
+        s = tl.load(s_rows + cols[None, :], mask=live & in_row, other=0.0).to(tl.float32)
+        t = tl.load(t_rows + cols[None, :], mask=live & in_row, other=0.0).to(tl.float32)
+        s = tl.where(in_row, s, float("-inf"))
+        t = tl.where(in_row, t, float("-inf"))
         a = s * inv_T
         b = t * inv_T
         m_a, d_a, _, _ = _online_update(m_a, d_a, a)
@@ -125,38 +132,42 @@ def _kd_loss_fwd_kernel(
         # p_t = 0 where b = -inf: contribute 0, not 0 * (-inf - a) (NaN when a = -inf too)
         t_masked = b == float("-inf")
         cross = e_b * (tl.where(t_masked, 0.0, b) - tl.where(t_masked, 0.0, a))
-        c = c * tl.exp(m_b_old - shift_b) + tl.sum(cross, axis=0)
+        c = c * tl.exp(m_b_old - shift_b) + tl.sum(cross, axis=1)
         if HAS_LABELS:
             m_s, d_s, _, _ = _online_update(m_s, d_s, s)
 
-    kl = (c / d_b - (m_b - m_a)) + (tl.log(d_a) - tl.log(d_b))
+    kl = (c / d_b - (m_b - m_a)) + (tl.log(d_a) - tl.log(d_b))  # (ROWS,)
     if HAS_LABELS:
-        s_y = tl.load(s_row + y).to(tl.float32)
-        ce = (m_s - s_y) + tl.log(d_s)
+        y_safe = tl.where(counted, y, 0)
+        s_y = tl.load(s_ptr + rows * s_row_stride + y_safe, mask=counted, other=0.0)
+        ce = (m_s - s_y.to(tl.float32)) + tl.log(d_s)
         loss = alpha * T * T * kl + (1.0 - alpha) * ce
     else:
         loss = T * T * kl
-    tl.store(loss_ptr + row, loss)
+    tl.store(loss_ptr + rows, tl.where(counted, loss, 0.0), mask=row_ok)
 
     if COMPUTE_GRAD:
         # sweep 2: the gradient, now that the row statistics are known
         scale = tl.load(scale_ptr)
-        inv_d_a = 1.0 / d_a
-        inv_d_b = 1.0 / d_b
+        inv_d_a = (1.0 / d_a)[:, None]
+        inv_d_b = (1.0 / d_b)[:, None]
+        g_rows = g_ptr + rows[:, None] * g_row_stride
         for start in range(0, V, BLOCK):
             cols = start + cols0
-            mask = cols < V
-            s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            p_s = tl.exp(s * inv_T - m_a) * inv_d_a
-            p_t = tl.exp(t * inv_T - m_b) * inv_d_b
+            in_row = (cols < V)[None, :]
+            s = tl.load(s_rows + cols[None, :], mask=live & in_row, other=0.0).to(tl.float32)
+            t = tl.load(t_rows + cols[None, :], mask=live & in_row, other=0.0).to(tl.float32)
+            p_s = tl.exp(s * inv_T - m_a[:, None]) * inv_d_a
+            p_t = tl.exp(t * inv_T - m_b[:, None]) * inv_d_b
             if HAS_LABELS:
-                q = tl.exp(s - m_s) / d_s
-                onehot = tl.where(cols == y, 1.0, 0.0)
+                q = tl.exp(s - m_s[:, None]) / d_s[:, None]
+                onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
                 g = alpha * T * (p_s - p_t) + (1.0 - alpha) * (q - onehot)
             else:
                 g = T * (p_s - p_t)
-            tl.store(g_row + cols, (g * scale).to(g_ptr.dtype.element_ty), mask=mask)
+            g = tl.where(live, g * scale, 0.0)
+            tl.store(g_rows + cols[None, :], g.to(g_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & in_row)
 
 
 @triton.jit
@@ -164,34 +175,38 @@ def _kd_loss_bwd_kernel(
     g_ptr, g_row_stride,        # gradient written by the forward (N, V)
     go_ptr, go_stride,          # upstream gradient: (N,) for "none", a scalar with stride 0
     out_ptr, out_row_stride,    # d loss / d s (N, V), same dtype as g
-    V,
-    BLOCK: tl.constexpr,        # column tile; grid = (N, cdiv(V, BLOCK))
+    N, V,
+    ROWS: tl.constexpr,         # grid = (cdiv(N, ROWS), cdiv(V, BLOCK))
+    BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < V
-    go = tl.load(go_ptr + row * go_stride).to(tl.float32)
-    g = tl.load(g_ptr + row * g_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_row_stride + cols, (g * go).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    row_ok = rows < N
+    mask = row_ok[:, None] & (cols < V)[None, :]
+    go = tl.load(go_ptr + rows * go_stride, mask=row_ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + rows[:, None] * g_row_stride + cols[None, :], mask=mask, other=0.0)
+    out = g.to(tl.float32) * go[:, None]
+    tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------
-# Heuristics (the one place block sizes and warps are chosen: launchers and aot_specs)
+# Heuristics (the one place tile sizes and warps are chosen: launchers and aot_specs)
 # ------------------------------------------------------------------------------------------
 
-FWD_BLOCKS = (1024, 4096)  # column-tile buckets of the forward kernel
-BWD_BLOCK = 4096
+TINY_V = 8      # V <= TINY_V (classification heads: 2-3 classes): many rows per program
+WIDE_BLOCK = 4096  # column tile for every larger V (online softmax over V / 4096 tiles)
 
 
-def fwd_config(V: int) -> dict:
-    """Column tile and warps of the forward kernel for V classes (two buckets, any V)."""
-    block = FWD_BLOCKS[0] if V <= FWD_BLOCKS[0] else FWD_BLOCKS[1]
-    return dict(BLOCK=block, num_warps=utils.num_warps_for(block))
+def config(V: int) -> dict:
+    """Tile (ROWS x BLOCK) and warps of both kernels for V classes: two buckets for any V.
 
-
-def bwd_config(V: int) -> dict:
-    return dict(BLOCK=BWD_BLOCK, num_warps=utils.num_warps_for(BWD_BLOCK))
+    Wide: one row per program, ~8 elements per thread (utils.num_warps_for). Tiny: a warp
+    spans 4 rows x 8 columns and every thread keeps the 7 running statistics of each of its
+    rows, so 2 rows per thread (ROWS / 8 warps): ~48 registers instead of ~170 at 8 rows."""
+    if V <= TINY_V:
+        return dict(ROWS=64, BLOCK=TINY_V, num_warps=64 // 8)
+    return dict(ROWS=1, BLOCK=WIDE_BLOCK, num_warps=utils.num_warps_for(WIDE_BLOCK))
 
 
 # ------------------------------------------------------------------------------------------
@@ -221,13 +236,13 @@ def kd_loss_fwd(student_logits, teacher_logits, labels=None, temperature=1.0, al
     if N > 0:
         kernel = _kd_loss_fwd_kernel
         utils.ensure_launchable(kernel, utils.backend(s))
-        cfg = fwd_config(V)
-        kernel[(N,)](
+        cfg = config(V)
+        kernel[(triton.cdiv(N, cfg["ROWS"]),)](
             s, s.stride(0), t, t.stride(0), labels, rows,
             grad, grad.stride(0) if compute_grad else 0, scale,
-            V, 1.0 / temperature, float(temperature), float(alpha), int(ignore_index),
-            BLOCK=cfg["BLOCK"], HAS_LABELS=labels is not None, COMPUTE_GRAD=compute_grad,
-            num_warps=cfg["num_warps"])
+            N, V, 1.0 / temperature, float(temperature), float(alpha), int(ignore_index),
+            ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], HAS_LABELS=labels is not None,
+            COMPUTE_GRAD=compute_grad, num_warps=cfg["num_warps"])
     if reduction == "none":
         return rows, grad
     loss = rows.sum()
@@ -246,10 +261,10 @@ def kd_loss_bwd(grad, grad_output):
     if N > 0 and V > 0:
         kernel = _kd_loss_bwd_kernel
         utils.ensure_launchable(kernel, utils.backend(grad))
-        cfg = bwd_config(V)
-        grid = (N, triton.cdiv(V, cfg["BLOCK"]))
-        kernel[grid](grad, grad.stride(0), go, go_stride, out, out.stride(0), V,
-                     BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+        cfg = config(V)
+        grid = (triton.cdiv(N, cfg["ROWS"]), triton.cdiv(V, cfg["BLOCK"]))
+        kernel[grid](grad, grad.stride(0), go, go_stride, out, out.stride(0), N, V,
+                     ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
     return out
 
 
@@ -414,54 +429,57 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=1.0, alpha=
 # Ahead-of-time compile list
 # ------------------------------------------------------------------------------------------
 
-def _fwd_spec(dtype, block, has_labels, compute_grad, rows_aligned):
+def _fwd_spec(dtype, cfg, has_labels, compute_grad, rows_aligned):
     ty = utils.TRITON_DTYPE[dtype]
     sig = {"s_ptr": f"*{ty}", "s_row_stride": "i32", "t_ptr": f"*{ty}", "t_row_stride": "i32",
            "y_ptr": "*i64" if has_labels else "constexpr", "loss_ptr": "*fp32",
-           "g_ptr": f"*{ty}", "g_row_stride": "i32", "scale_ptr": "*fp32", "V": "i32",
-           "inv_T": "fp32", "T": "fp32", "alpha": "fp32", "ignore_index": "i32",
-           "BLOCK": "constexpr", "HAS_LABELS": "constexpr", "COMPUTE_GRAD": "constexpr"}
-    const = dict(BLOCK=block, HAS_LABELS=has_labels, COMPUTE_GRAD=compute_grad)
+           "g_ptr": f"*{ty}", "g_row_stride": "i32", "scale_ptr": "*fp32", "N": "i32",
+           "V": "i32", "inv_T": "fp32", "T": "fp32", "alpha": "fp32", "ignore_index": "i32",
+           "ROWS": "constexpr", "BLOCK": "constexpr", "HAS_LABELS": "constexpr",
+           "COMPUTE_GRAD": "constexpr"}
+    const = dict(ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], HAS_LABELS=has_labels,
+                 COMPUTE_GRAD=compute_grad)
     if not has_labels:
         const["y_ptr"] = None
     aligned = ("s_ptr", "t_ptr", "loss_ptr", "g_ptr")
     if rows_aligned:
         aligned += ("s_row_stride", "t_row_stride", "g_row_stride", "V")
-    label = (f"kd_loss_fwd BLOCK={block} {ty} {'labels' if has_labels else 'nolabels'} "
-             f"{'grad' if compute_grad else 'nograd'}{' V%16=0' if rows_aligned else ''}")
-    return AotSpec(label, _kd_loss_fwd_kernel, sig, const,
-                   num_warps=fwd_config(block)["num_warps"], aligned=aligned)
+    label = (f"kd_loss_fwd {cfg['ROWS']}x{cfg['BLOCK']} {ty} "
+             f"{'labels' if has_labels else 'nolabels'} {'grad' if compute_grad else 'nograd'}"
+             f"{' V%16=0' if rows_aligned else ''}")
+    return AotSpec(label, _kd_loss_fwd_kernel, sig, const, num_warps=cfg["num_warps"],
+                   aligned=aligned)
 
 
-def _bwd_spec(dtype, block, rows_aligned):
+def _bwd_spec(dtype, cfg, rows_aligned):
     ty = utils.TRITON_DTYPE[dtype]
     sig = {"g_ptr": f"*{ty}", "g_row_stride": "i32", "go_ptr": "*fp32", "go_stride": "i32",
-           "out_ptr": f"*{ty}", "out_row_stride": "i32", "V": "i32", "BLOCK": "constexpr"}
+           "out_ptr": f"*{ty}", "out_row_stride": "i32", "N": "i32", "V": "i32",
+           "ROWS": "constexpr", "BLOCK": "constexpr"}
     aligned = ("g_ptr", "out_ptr")
     if rows_aligned:
         aligned += ("g_row_stride", "out_row_stride", "V")
-    return AotSpec(f"kd_loss_bwd BLOCK={block} {ty}{' V%16=0' if rows_aligned else ''}",
-                   _kd_loss_bwd_kernel, sig, {"BLOCK": block},
-                   num_warps=bwd_config(block)["num_warps"], aligned=aligned)
+    label = f"kd_loss_bwd {cfg['ROWS']}x{cfg['BLOCK']} {ty}{' V%16=0' if rows_aligned else ''}"
+    return AotSpec(label, _kd_loss_bwd_kernel, sig, dict(ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"]),
+                   num_warps=cfg["num_warps"], aligned=aligned)
 
 
 def aot_specs():
-    """Every distinct configuration of the launchers' heuristics over V in [1, MAX_V] x
+    """Every distinct configuration of the heuristics (`config`) over V in [1, MAX_V] x
     {fp32, fp16, bf16} x {labels, no labels} x {grad, no grad}. Triton also specializes on V
     and the row strides being multiples of 16 (vectorized loads): that variant is listed too
-    for the vocabulary-sized bucket and the backward kernel, where V = 32000, 128256, ... are."""
+    for the wide bucket, where vocabularies (32000, 128256, ...) fall."""
     Vs = sorted({1, MAX_V} | {2**k + d for k in range(1, MAX_V.bit_length()) for d in (-1, 0, 1)})
-    fwd_blocks = sorted({fwd_config(v)["BLOCK"] for v in Vs if v <= MAX_V})
-    bwd_blocks = sorted({bwd_config(v)["BLOCK"] for v in Vs if v <= MAX_V})
+    configs = {tuple(sorted(config(v).items())) for v in Vs if v <= MAX_V}
     specs = []
     for dtype in utils.FLOAT_DTYPES:
-        for block in fwd_blocks:
-            for has_labels in (True, False):
-                for compute_grad in (True, False):
-                    for rows_aligned in ((False, True) if block == fwd_blocks[-1] else (False,)):
-                        specs.append(_fwd_spec(dtype, block, has_labels, compute_grad,
+        for cfg in [dict(c) for c in sorted(configs)]:
+            # V <= TINY_V is never a multiple of 16: the tiny bucket has one alignment only
+            alignments = (False, True) if cfg["BLOCK"] > TINY_V else (False,)
+            for rows_aligned in alignments:
+                for has_labels in (True, False):
+                    for compute_grad in (True, False):
+                        specs.append(_fwd_spec(dtype, cfg, has_labels, compute_grad,
                                                rows_aligned))
-        for block in bwd_blocks:
-            for rows_aligned in (False, True):
-                specs.append(_bwd_spec(dtype, block, rows_aligned))
+                specs.append(_bwd_spec(dtype, cfg, rows_aligned))
     return specs

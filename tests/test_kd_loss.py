@@ -83,14 +83,16 @@ def run_and_check(N, V, dtype, label_mode, reduction, T, alpha, scale=3.0):
 # Interpreter path: sweep
 # ------------------------------------------------------------------------------------------
 
-SHAPES = [(n, v) for n in (1, 3) for v in (1, 2, 7, 768, 1000, 4099)] + [(257, 2), (2, 32000)]
+# (3, 9): first V past the tiny bucket (64 rows x 8 columns per program); 257 = 4 x 64 + 1 rows
+SHAPES = ([(n, v) for n in (1, 3) for v in (1, 2, 7, 768, 1000, 4099)]
+          + [(3, 9), (257, 2), (257, 7), (2, 32000)])
 LABEL_MODES, REDUCTIONS = ("some", None, "kept", "all"), ("mean", "sum", "none")
 TEMPS, ALPHAS = (1.0, 2.0, 4.0, 1.5), (0.5, 0.0, 1.0, 0.3, 0.9)
 
 
 def _sweep():
     """Every shape x dtype once, rotating labels / reduction / T / alpha over the sweep so that
-    no knob is tied to one dtype (257 rows is slow in the interpreter: small V only)."""
+    no knob is tied to one dtype (257 rows only with small V: the interpreter is slow)."""
     cases = []
     for k, (n, v) in enumerate(SHAPES):
         for d, dt in enumerate(DTYPES):
@@ -210,7 +212,7 @@ def stability_inputs(kind, N=4, V=300, dtype=torch.float32):
         mask[:, :5] = False
         t = t.masked_fill(mask, float("-inf"))
     elif kind == "masked_tile":  # a whole column tile of -inf before any finite value
-        V = 2 * kd.fwd_config(5000)["BLOCK"] + 7
+        V = 2 * kd.config(5000)["BLOCK"] + 7
         s, t = torch.randn(N, V), torch.randn(N, V)
         s[:, :V - 9] = float("-inf")
         t[:, :V - 9] = float("-inf")
@@ -386,16 +388,16 @@ def test_kd_loss_module():
 
 
 def test_aot_specs_cover_every_launch_configuration():
-    specs = {(sp.label.split()[0], sp.constexprs.get("BLOCK"), sp.signature.get("s_ptr") or
-              sp.signature["g_ptr"], sp.constexprs.get("HAS_LABELS"),
+    specs = {(sp.label.split()[0], sp.constexprs["ROWS"], sp.constexprs["BLOCK"],
+              sp.signature.get("s_ptr") or sp.signature["g_ptr"], sp.constexprs.get("HAS_LABELS"),
               sp.constexprs.get("COMPUTE_GRAD"), sp.num_warps) for sp in kd.aot_specs()}
-    Vs = sorted({1, 2, 7, 1000, 4099, 32000, 128256, kd.MAX_V}
+    Vs = sorted({1, 2, 3, 7, 1000, 4099, 32000, 128256, kd.MAX_V}
                 | {2**k + d for k in range(19) for d in (-1, 0, 1)})
     for V, dtype, has_labels, grad in itertools.product(Vs, DTYPES, (True, False), (True, False)):
         ptr = "*" + utils.TRITON_DTYPE[dtype]
-        cfg = kd.fwd_config(V)
-        assert ("kd_loss_fwd", cfg["BLOCK"], ptr, has_labels, grad, cfg["num_warps"]) in specs, V
-        b = kd.bwd_config(V)
-        assert ("kd_loss_bwd", b["BLOCK"], ptr, None, None, b["num_warps"]) in specs, V
+        c = kd.config(V)
+        key = (c["ROWS"], c["BLOCK"], ptr)
+        assert ("kd_loss_fwd", *key, has_labels, grad, c["num_warps"]) in specs, V
+        assert ("kd_loss_bwd", *key, None, None, c["num_warps"]) in specs, V
     labels = [sp.label for sp in kd.aot_specs()]
     assert len(labels) == len(set(labels)) <= 48  # bucketed heuristics keep the set small
