@@ -48,10 +48,11 @@ import triton.language as tl
 from . import utils
 from .aot import AotSpec
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 LSE_EMPTY = 1e30  # logsumexp of a row with no visible key: finite, and exp(s - it) == 0
 MAX_HEAD_DIM = 128
+_LSE_EMPTY = tl.constexpr(LSE_EMPTY)
+_LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2 e)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def _attn_fwd(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
-    qk_scale = sm_scale * 1.4426950408889634  # scores in log2 units: exp(x) = exp2(x * log2 e)
+    qk_scale = sm_scale * _LOG2E  # scores in log2 units
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
@@ -159,7 +160,7 @@ def _attn_fwd(
     if DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
     acc = acc * inv_l[:, None]
-    lse = tl.where(empty, 1e30, (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, _LSE_EMPTY, (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
     tl.store(lse_ptr + bh.to(tl.int64) * S_q + rows, lse, mask=row_ok)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
              acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -229,7 +230,7 @@ def _attn_bwd_dkdv(
     do_base = do_ptr + b * stride_dob + h * stride_doh
     lse_base = lse_ptr + bh.to(tl.int64) * S_q
     delta_base = delta_ptr + bh.to(tl.int64) * S_q
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * _LOG2E
     seed = 0
     inv_keep = 1.0
     if DROPOUT:
@@ -247,8 +248,9 @@ def _attn_bwd_dkdv(
         row_ok = rows < S_q
         qd_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=qd_mask, other=0.0)
-        lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=qd_mask,
+                     other=0.0)
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0) * _LOG2E
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         sT = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT) * qk_scale  # (BLOCK_N, BLOCK_M)
         visible = key_ok[:, None] & row_ok[None, :]
@@ -307,11 +309,11 @@ def _attn_bwd_dq(
                 mask=qd_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom
                  + offs_d[None, :], mask=qd_mask, other=0.0)
-    lse2 = tl.load(lse_ptr + bh.to(tl.int64) * S_q + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + bh.to(tl.int64) * S_q + rows, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(delta_ptr + bh.to(tl.int64) * S_q + rows, mask=row_ok, other=0.0)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * _LOG2E
     seed = 0
     inv_keep = 1.0
     if DROPOUT:
@@ -341,8 +343,8 @@ def _attn_bwd_dq(
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
 
-    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
-             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+    out = b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :]
+    tl.store(dq_ptr + out, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
 
 @triton.jit

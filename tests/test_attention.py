@@ -83,7 +83,8 @@ def test_forward_backward_against_float64(dtype, B, H, S_q, S_k, D, causal, padd
         dead = dead[:, None, :].expand(B, H, S_q)
         assert (out.detach()[dead] == 0).all() and (q.grad[dead] == 0).all()
     if mask is not None:  # padded keys get no gradient
-        assert (k.grad.transpose(1, 2)[~mask] == 0).all() and (v.grad.transpose(1, 2)[~mask] == 0).all()
+        for g in (k.grad, v.grad):
+            assert (g.transpose(1, 2)[~mask] == 0).all()
 
 
 def test_logsumexp_and_empty_row_sentinel():
@@ -170,7 +171,8 @@ def test_dropout_kept_fraction_and_independence():
     n = keep.numel()
     frac = keep.double().mean().item()
     sigma = math.sqrt(p * (1 - p) / n)
-    assert abs(frac - (1 - p)) < 5 * sigma, f"kept fraction {frac:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+    assert abs(frac - (1 - p)) < 5 * sigma, (
+        f"kept fraction {frac:.4f}, expected {1 - p} +- {5 * sigma:.4f}")
     # every (b, h) gets its own stream: masks of different heads / batches / rows differ
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
@@ -270,7 +272,8 @@ def test_opcheck_of_the_custom_ops():
     q, k, v = (torch.randn(1, 2, s, 16, requires_grad=True) for s in (5, 7, 7))
     mask = torch.tensor([[True] * 5 + [False] * 2])
     seed = A.dropout_seed("cpu")
-    torch.library.opcheck(torch.ops.tkd.attention_fwd.default, (q, k, v, mask, seed, True, 0.2, 0.25))
+    torch.library.opcheck(torch.ops.tkd.attention_fwd.default,
+                          (q, k, v, mask, seed, True, 0.2, 0.25))
     o, lse = A.attention_fwd(q.detach(), k.detach(), v.detach(), mask, seed, True, 0.2, 0.25)
     args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, mask, seed, True,
             0.2, 0.25)
