@@ -140,7 +140,7 @@ def _layer_norm_fwd_chunked(
         if HAS_RES:
             h = (h + tl.load(R + base + c, mask=ok, other=0.0).to(tl.float32)).to(
                 H.dtype.element_ty)
-            tl.store(H + base + c, h, mask=ok)  # sweep 2 reads h back (same thread, same offsets)
+            tl.store(H + base + c, h, mask=ok)  # sweep 2 reads it back
             h = h.to(tl.float32)
         n_c = tl.minimum(N - start, BLOCK_N).to(tl.float32)
         mean_c = tl.sum(h, axis=0) / n_c
@@ -154,6 +154,8 @@ def _layer_norm_fwd_chunked(
     rstd = 1.0 / tl.sqrt(m2 / N + eps)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
+    if HAS_RES:
+        tl.debug_barrier()  # h written above is visible to every thread of the program
     # sweep 2: normalize
     for start in range(0, N, BLOCK_N):
         c = start + cols
@@ -243,6 +245,7 @@ def _layer_norm_bwd_chunked(
         c2 = s2 / N
         # sweep 2: dx, and this row's dy * xhat, dy into the program's partial sums
         later = row != pid  # the program's first row stores its partial sums, later rows add
+        tl.debug_barrier()  # the previous row's partial-sum stores are visible to all threads
         for start in range(0, N, BLOCK_N):
             c = start + cols
             ok = c < N
@@ -254,7 +257,6 @@ def _layer_norm_bwd_chunked(
             if HAS_DH:
                 dx += tl.load(DH + base + c, mask=ok, other=0.0).to(tl.float32)
             tl.store(DX + base + c, dx.to(DX.dtype.element_ty), mask=ok)
-            # same offsets and layout as the store below: each thread re-reads its own writes
             dw = tl.load(DWp + part + c, mask=ok & later, other=0.0)
             db = tl.load(DBp + part + c, mask=ok & later, other=0.0)
             tl.store(DWp + part + c, dw + dy * xhat, mask=ok)
