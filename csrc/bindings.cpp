@@ -26,30 +26,32 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_isa", &tkd::set_cpu_isa, py::arg("isa"),
         "'scalar' forces the portable path (for tests), 'auto' restores detection");
   m.def("packed_b_numel", &tkd::packed_b_numel, py::arg("N"), py::arg("K"));
-  m.def("packed_a_numel", &tkd::packed_a_numel, py::arg("M"), py::arg("K"));
   m.def("pack_b", [](uintptr_t b, int64_t N, int64_t K, int64_t sn, int64_t sk, uintptr_t out,
                      int64_t nthreads) {
     py::gil_scoped_release nogil;
     tkd::pack_b(ptr<const int8_t>(b), N, K, sn, sk, ptr<int16_t>(out), nthreads);
   });
-  m.def("pack_a", [](uintptr_t a, int64_t M, int64_t K, int64_t sm, int64_t sk, uintptr_t out,
-                     int64_t nthreads) {
-    py::gil_scoped_release nogil;
-    tkd::pack_a(ptr<const int8_t>(a), M, K, sm, sk, ptr<int16_t>(out), nthreads);
-  });
   m.def("quantize_rows", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t sm,
-                            uintptr_t q, uintptr_t scale, uintptr_t packed_a, int64_t nthreads) {
+                            uintptr_t q, uintptr_t scale, int64_t nthreads) {
     py::gil_scoped_release nogil;
     tkd::quantize_rows(ptr<const void>(x), dtype, M, K, sm, ptr<int8_t>(q), ptr<float>(scale),
-                       ptr<int16_t>(packed_a), nthreads);
+                       nthreads);
   });
-  m.def("gemm_packed", [](uintptr_t ap, uintptr_t bp, int64_t M, int64_t N, int64_t K,
-                          uintptr_t out, int64_t ldc, uintptr_t a_scale, uintptr_t b_scale,
-                          uintptr_t bias, int64_t nthreads) {
+  m.def("gemm_int8", [](uintptr_t a, int64_t sm, int64_t sk, uintptr_t bp, int64_t M, int64_t N,
+                        int64_t K, uintptr_t out, int64_t ldc, uintptr_t a_scale,
+                        uintptr_t b_scale, uintptr_t bias, int64_t nthreads) {
     py::gil_scoped_release nogil;
-    tkd::gemm_packed(ptr<const int16_t>(ap), ptr<const int16_t>(bp), M, N, K, ptr<void>(out),
-                     ldc, ptr<const float>(a_scale), ptr<const float>(b_scale),
-                     ptr<const float>(bias), nthreads);
+    tkd::gemm_int8(ptr<const int8_t>(a), sm, sk, ptr<const int16_t>(bp), M, N, K,
+                   ptr<void>(out), ldc, ptr<const float>(a_scale), ptr<const float>(b_scale),
+                   ptr<const float>(bias), nthreads);
+  });
+  m.def("linear_dynamic", [](uintptr_t x, int dtype, int64_t sm, uintptr_t bp, int64_t M,
+                             int64_t N, int64_t K, uintptr_t out, int64_t ldc, uintptr_t x_scale,
+                             uintptr_t w_scale, uintptr_t bias, int64_t nthreads) {
+    py::gil_scoped_release nogil;
+    tkd::linear_dynamic(ptr<const void>(x), dtype, sm, ptr<const int16_t>(bp), M, N, K,
+                        ptr<float>(out), ldc, ptr<float>(x_scale), ptr<const float>(w_scale),
+                        ptr<const float>(bias), nthreads);
   });
 #ifdef TKD_WITH_CUDA
   m.def("gemm_cuda", [](uintptr_t a, uintptr_t b, int64_t M, int64_t N, int64_t K, int64_t lda,

@@ -19,10 +19,12 @@
 //             Ap[i][kp][r][2], panel i at offset i * 6 * Kp (only the last panel can be short).
 // Micro-kernel: MR x NR = 6 x 16 int32 accumulators in 12 ymm registers; per k pair it loads two
 // B vectors, broadcasts one int32 (two int16 of A) per row and issues 12 vpmaddwd + 12 vpaddd.
-// Blocking: threads split (row block, column block) tiles of MC x NC; inside a tile each 16-column
-// B panel (Kp * 32 bytes, L1/L2-resident) is reused by MC / 6 micro-kernels over an A block
-// (MC x Kp int16) that stays in L2. The whole K is reduced in registers, so the epilogue runs on
-// registers: no int32 (M, N) tensor is ever written when a float output is asked for.
+// Blocking and threads: with enough rows, each thread takes whole row blocks (mc rows, ~160 KiB of
+// packed A, L2-resident), packs or quantizes them itself into a private buffer (no barrier, no
+// (M, K) int16 copy of A) and runs them against every 16-column B panel (Kp * 32 bytes, L1/L2),
+// which is reused by mc / 6 micro-kernels. With few rows (M < threads * mc) A is prepared once
+// and the B panels are split over threads. The whole K is reduced in registers, so the epilogue
+// runs on registers: no int32 (M, N) tensor is written when a float output is asked for.
 //
 // ISA: the AVX2 functions carry __attribute__((target("avx2,fma,f16c"))) and are chosen at run
 // time with __builtin_cpu_supports("avx2"); the scalar path is portable C++ (aarch64 included).
@@ -50,14 +52,12 @@ namespace {
 
 constexpr int64_t MR = 6;   // rows per micro-kernel (A panel height)
 constexpr int64_t NR = 16;  // columns per micro-kernel (B panel width): two ymm of int32
-constexpr int64_t MC = 48;  // rows per thread tile (8 micro-panels)
-constexpr int64_t NC = 256; // columns per thread tile (16 panels)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t even(int64_t k) { return round_up(k, 2); }
 
 // ---------------------------------------------------------------------------------------------
-// Packing (portable; memory-bound, run once per weight / once per call for A)
+// Packing B (portable; memory-bound, once per weight)
 
 void pack_b_panel(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, int64_t j,
                   int16_t* out) {
@@ -71,18 +71,6 @@ void pack_b_panel(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk,
         dst[(kp * NR + c) * 2 + t] = (n < N && k < K) ? b[n * sn + k * sk] : 0;
       }
     }
-  }
-}
-
-void pack_a_panel(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, int64_t i,
-                  int16_t* out) {
-  const int64_t Kp = even(K);
-  const int64_t mr = std::min(MR, M - i * MR);
-  int16_t* dst = out + i * MR * Kp;  // (Kp / 2, mr, 2)
-  for (int64_t r = 0; r < mr; ++r) {
-    const int8_t* row = a + (i * MR + r) * sm;
-    for (int64_t k = 0; k < Kp; ++k)
-      dst[((k >> 1) * mr + r) * 2 + (k & 1)] = k < K ? row[k * sk] : 0;
   }
 }
 
@@ -315,6 +303,89 @@ const float* row_as_float(const void* x, int dtype, int64_t K, float* buf) {
   return buf;
 }
 
+// One row m of x (row stride sm elements, dtype 0 fp32 / 1 fp16 / 2 bf16) -> q (K int8) and its
+// scale; one read of the row from memory (the float copy stays in L1 for the second pass).
+float quantize_row(const void* x, int dtype, int64_t sm, int64_t m, int64_t K, float* buf,
+                   int8_t* q, bool avx2) {
+  const int64_t esize = dtype == 0 ? 4 : 2;
+  const float* xf = row_as_float(static_cast<const char*>(x) + m * sm * esize, dtype, K, buf);
+#if TKD_X86
+  const float amax = avx2 ? absmax_avx2(xf, K) : absmax_scalar(xf, K);
+#else
+  const float amax = absmax_scalar(xf, K);
+#endif
+  const float s = amax > 0.f ? amax / 127.f : 1.f;  // all-zero row: finite scale, q = 0
+#if TKD_X86
+  if (avx2) quantize_row_avx2(xf, K, s, q);
+  else quantize_row_scalar(xf, K, s, q);
+#else
+  quantize_row_scalar(xf, K, s, q);
+#endif
+  return s;
+}
+
+// Where the GEMM's A rows come from.
+struct ASource {
+  const void* ptr;
+  int kind;         // 0: int8 rows (strides sm, sk); 1: float rows to quantize per token
+  int dtype;        // kind 1: 0 fp32, 1 fp16, 2 bf16 (unit column stride)
+  int64_t sm, sk;   // element strides
+  float* scale_out; // kind 1: the per-token scales, written here, then read by the epilogue
+};
+
+struct Scratch {  // per-thread buffers
+  std::vector<int16_t> a;  // packed A row block
+  std::vector<float> f;    // one row as float32 (fp16 / bf16 input)
+  std::vector<int8_t> q;   // one quantized row
+  Scratch(const ASource& src, int64_t K, int64_t a_numel)
+      : a(static_cast<size_t>(a_numel)), f(src.kind == 1 && src.dtype != 0 ? K : 0),
+        q(src.kind == 1 ? K : 0) {}
+};
+
+// Widen (kind 0) or quantize (kind 1) rows [r0, r1) of A into panels at dst (r0 % MR == 0).
+void prepare_rows(const ASource& src, int64_t M, int64_t K, int64_t r0, int64_t r1,
+                  int16_t* dst, Scratch& sc, bool avx2) {
+  const int64_t Kp = even(K);
+  for (int64_t p = r0; p < r1; p += MR) {
+    const int64_t mr = std::min(MR, M - p);
+    int16_t* panel = dst + (p - r0) * Kp;  // (Kp / 2, mr, 2)
+    for (int64_t r = 0; r < mr; ++r) {
+      const int64_t m = p + r;
+      const int8_t* row;
+      int64_t sk = 1;
+      if (src.kind == 0) {
+        row = static_cast<const int8_t*>(src.ptr) + m * src.sm;
+        sk = src.sk;
+      } else {
+        src.scale_out[m] = quantize_row(src.ptr, src.dtype, src.sm, m, K, sc.f.data(),
+                                        sc.q.data(), avx2);
+        row = sc.q.data();
+      }
+      for (int64_t k = 0; k < Kp; ++k)
+        panel[((k >> 1) * mr + r) * 2 + (k & 1)] = k < K ? row[k * sk] : 0;
+    }
+  }
+}
+
+// Rows of the A block keep an L2 budget; B panels are reused by every row panel of a block.
+int64_t block_rows(int64_t Kp) {
+  const int64_t rows = (160 * 1024) / std::max<int64_t>(2 * Kp, 1) / MR * MR;
+  return std::max(MR, std::min<int64_t>(rows, 16 * MR));
+}
+
+// C rows [r0, r1) x columns [c0, c1) (c0 % NR == 0) from the packed A block at Ab (row r0 first).
+void compute_block(const int16_t* Ab, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                   const int16_t* Bp, int64_t Kp, const Epilogue& ep, bool avx2) {
+  for (int64_t n0 = c0; n0 < c1; n0 += NR) {
+    const int16_t* bp = Bp + (n0 / NR) * NR * Kp;
+    const int64_t nn = std::min(NR, c1 - n0);
+    for (int64_t m0 = r0; m0 < r1; m0 += MR) {
+      const int64_t rows = std::min(MR, r1 - m0);
+      micro_for(rows, avx2)(Ab + (m0 - r0) * Kp, bp, Kp, ep, m0, n0, nn);
+    }
+  }
+}
+
 }  // namespace
 
 // =============================================================================================
@@ -329,7 +400,6 @@ std::string set_cpu_isa(const std::string& isa) {
 }
 
 int64_t packed_b_numel(int64_t N, int64_t K) { return round_up(N, NR) * even(K); }
-int64_t packed_a_numel(int64_t M, int64_t K) { return M * even(K); }
 
 void pack_b(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, int16_t* out,
             int64_t nthreads) {
@@ -338,72 +408,69 @@ void pack_b(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, int16
   for (int64_t j = 0; j < panels; ++j) pack_b_panel(b, N, K, sn, sk, j, out);
 }
 
-void pack_a(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, int16_t* out,
-            int64_t nthreads) {
-  const int64_t panels = round_up(M, MR) / MR;
-#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static)
-  for (int64_t i = 0; i < panels; ++i) pack_a_panel(a, M, K, sm, sk, i, out);
-}
-
 void quantize_rows(const void* x, int dtype, int64_t M, int64_t K, int64_t sm, int8_t* q,
-                   float* scale, int16_t* packed_a, int64_t nthreads) {
+                   float* scale, int64_t nthreads) {
   const bool avx2 = have_avx2();
-  const int64_t esize = dtype == 0 ? 4 : 2;
-  const int64_t Kp = even(K);
 #pragma omp parallel num_threads(clamp_threads(nthreads))
   {
     std::vector<float> buf(dtype == 0 ? 0 : K);
-    std::vector<int8_t> qbuf(q ? 0 : K);
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) {
-      const char* xr = static_cast<const char*>(x) + m * sm * esize;
-      const float* xf = row_as_float(xr, dtype, K, buf.data());
-#if TKD_X86
-      const float amax = avx2 ? absmax_avx2(xf, K) : absmax_scalar(xf, K);
-#else
-      const float amax = absmax_scalar(xf, K);
-#endif
-      const float s = amax > 0.f ? amax / 127.f : 1.f;  // all-zero row: finite scale, q = 0
-      scale[m] = s;
-      int8_t* qr = q ? q + m * K : qbuf.data();
-#if TKD_X86
-      if (avx2) quantize_row_avx2(xf, K, s, qr);
-      else quantize_row_scalar(xf, K, s, qr);
-#else
-      quantize_row_scalar(xf, K, s, qr);
-#endif
-      if (packed_a) {  // scatter the row into its A panel (row r of panel i), widened to int16
-        const int64_t i = m / MR, r = m % MR, mr = std::min(MR, M - i * MR);
-        int16_t* dst = packed_a + i * MR * Kp;
-        for (int64_t k = 0; k < Kp; ++k)
-          dst[((k >> 1) * mr + r) * 2 + (k & 1)] = k < K ? qr[k] : 0;
-      }
-    }
+    for (int64_t m = 0; m < M; ++m)
+      scale[m] = quantize_row(x, dtype, sm, m, K, buf.data(), q + m * K, avx2);
   }
 }
 
-void gemm_packed(const int16_t* Ap, const int16_t* Bp, int64_t M, int64_t N, int64_t K,
-                 void* out, int64_t ldc, const float* a_scale, const float* b_scale,
-                 const float* bias, int64_t nthreads) {
+static void gemm(const ASource& src, const int16_t* Bp, int64_t M, int64_t N, int64_t K, void* out,
+          int64_t ldc, const float* a_scale, const float* b_scale, const float* bias,
+          int64_t nthreads) {
   const bool avx2 = have_avx2();
-  const int64_t Kp = even(K);
+  const int64_t Kp = even(K), T = clamp_threads(nthreads);
   const Epilogue ep{out, ldc, a_scale != nullptr, a_scale, b_scale, bias};
-  const int64_t mb_count = (M + MC - 1) / MC, nb_count = (N + NC - 1) / NC;
-  // (row block, column block) tiles, row-block major so a thread keeps its A block in L2
-#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static) collapse(2)
-  for (int64_t mb = 0; mb < mb_count; ++mb) {
-    for (int64_t nb = 0; nb < nb_count; ++nb) {
-      const int64_t m_end = std::min(M, (mb + 1) * MC), n_end = std::min(N, (nb + 1) * NC);
-      for (int64_t n0 = nb * NC; n0 < n_end; n0 += NR) {
-        const int16_t* bp = Bp + (n0 / NR) * NR * Kp;
-        const int64_t nn = std::min(NR, N - n0);
-        for (int64_t m0 = mb * MC; m0 < m_end; m0 += MR) {
-          const int64_t rows = std::min(MR, M - m0);
-          micro_for(rows, avx2)(Ap + m0 * Kp, bp, Kp, ep, m0, n0, nn);
-        }
+  const int64_t mc = block_rows(Kp);
+  if (T > 1 && M >= T * mc) {
+    // Row split, one parallel region and no barrier: each thread prepares (widens or
+    // quantizes) its own row blocks into an L2-resident buffer and runs them against all of B.
+    const int64_t blocks = (M + mc - 1) / mc;
+#pragma omp parallel num_threads(static_cast<int>(T))
+    {
+      Scratch sc(src, K, mc * Kp);
+#pragma omp for schedule(static)
+      for (int64_t mb = 0; mb < blocks; ++mb) {
+        const int64_t r0 = mb * mc, r1 = std::min(M, r0 + mc);
+        prepare_rows(src, M, K, r0, r1, sc.a.data(), sc, avx2);
+        compute_block(sc.a.data(), r0, r1, 0, N, Bp, Kp, ep, avx2);
       }
     }
+    return;
   }
+  // Few rows (M < T * mc): prepare all of A once (split over threads, one barrier), then split
+  // the 16-column B panels over threads.
+  std::vector<int16_t> ap(static_cast<size_t>(M * Kp));
+  const int64_t a_panels = (M + MR - 1) / MR, b_panels = (N + NR - 1) / NR;
+#pragma omp parallel num_threads(static_cast<int>(T))
+  {
+    Scratch sc(src, K, 0);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < a_panels; ++i)
+      prepare_rows(src, M, K, i * MR, std::min(M, i * MR + MR), ap.data() + i * MR * Kp, sc, avx2);
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < b_panels; ++j)
+      compute_block(ap.data(), 0, M, j * NR, std::min(N, j * NR + NR), Bp, Kp, ep, avx2);
+  }
+}
+
+void gemm_int8(const int8_t* a, int64_t sm, int64_t sk, const int16_t* Bp, int64_t M, int64_t N,
+               int64_t K, void* out, int64_t ldc, const float* a_scale, const float* b_scale,
+               const float* bias, int64_t nthreads) {
+  const ASource src{a, 0, 0, sm, sk, nullptr};
+  gemm(src, Bp, M, N, K, out, ldc, a_scale, b_scale, bias, nthreads);
+}
+
+void linear_dynamic(const void* x, int dtype, int64_t sm, const int16_t* Bp, int64_t M,
+                    int64_t N, int64_t K, float* out, int64_t ldc, float* x_scale,
+                    const float* w_scale, const float* bias, int64_t nthreads) {
+  const ASource src{x, 1, dtype, sm, 1, x_scale};
+  gemm(src, Bp, M, N, K, out, ldc, x_scale, w_scale, bias, nthreads);
 }
 
 }  // namespace tkd

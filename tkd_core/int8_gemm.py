@@ -186,30 +186,13 @@ def pack_weight(b: torch.Tensor) -> PackedInt8Weight:
     return PackedInt8Weight(b)
 
 
-def _gemm_cpu(a_packed, w: PackedInt8Weight, M, scaled, a_scale, b_scale, bias, out_dtype,
-              device):
-    N, K = w.N, w.K
-    out = utils.empty((M, N), dtype=torch.float32 if scaled else torch.int32, device=device)
-    if M == 0 or N == 0:
-        return out
-    keep = []  # keep converted scale/bias tensors alive during the call
-    ptrs = [0, 0, 0]
-    if scaled:
-        keep = [_vec(a_scale, M, device), _vec(b_scale, N, device),
-                bias.float().contiguous() if bias is not None else None]
-        ptrs = [t.data_ptr() if t is not None else 0 for t in keep]
-    _ext().gemm_packed(a_packed.data_ptr(), w.data.data_ptr(), M, N, K, out.data_ptr(), N,
-                       *ptrs, _threads())
-    return out
-
-
-def _pack_a(a: torch.Tensor) -> torch.Tensor:
-    C = _ext()
-    M, K = a.shape
-    ap = torch.empty(C.packed_a_numel(M, K), dtype=torch.int16)
-    if M:
-        C.pack_a(a.data_ptr(), M, K, a.stride(0), a.stride(1), ap.data_ptr(), _threads())
-    return ap
+def _cpu_scales(scaled, a_scale, b_scale, bias, M, N, device):
+    """float32 contiguous (M,), (N,), (N,) tensors (kept alive by the caller) and their addresses."""
+    if not scaled:
+        return [], [0, 0, 0]
+    keep = [_vec(a_scale, M, device), _vec(b_scale, N, device),
+            bias.float().contiguous() if bias is not None else None]
+    return keep, [t.data_ptr() if t is not None else 0 for t in keep]
 
 
 def int8_gemm_packed(a, w: PackedInt8Weight, a_scale=None, b_scale=None, bias=None,
@@ -219,23 +202,35 @@ def int8_gemm_packed(a, w: PackedInt8Weight, a_scale=None, b_scale=None, bias=No
                                      packed_k=(w.N, w.K))
     if a.is_cuda:
         raise ValueError("int8_gemm_packed takes CPU tensors; call int8_gemm on CUDA")
-    return _gemm_cpu(_pack_a(a), w, M, scaled, a_scale, b_scale, bias, out_dtype, a.device)
+    out = utils.empty((M, N), dtype=torch.float32 if scaled else torch.int32, device=a.device)
+    if M == 0 or N == 0:
+        return out
+    keep, ptrs = _cpu_scales(scaled, a_scale, b_scale, bias, M, N, a.device)  # noqa: F841
+    _ext().gemm_int8(a.data_ptr(), a.stride(0), a.stride(1), w.data.data_ptr(), M, N, K,
+                     out.data_ptr(), N, *ptrs, _threads())
+    return out
 
 
 def quantized_linear_cpu(x2d: torch.Tensor, w: PackedInt8Weight, w_scale: torch.Tensor,
                          bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Dynamic int8 linear on the CPU: per-token quantization fused with packing A (one read of
-    x), then the GEMM with the per-token x per-channel scale + bias epilogue. x2d: (M, K) float
-    -> float32 (M, N)."""
-    C = _ext()
+    """Dynamic int8 linear on the CPU in one kernel call: per-token quantization (one read of x)
+    fused into the GEMM's A packing, then the per-token x per-channel scale + bias epilogue.
+    x2d: (M, K) float32 / float16 / bfloat16 -> float32 (M, N)."""
     M, K = x2d.shape
+    if x2d.dtype not in _X_DTYPE_CODE:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x2d.dtype}")
+    if K != w.K:
+        raise ValueError(f"x has K={K}, the weight has K={w.K}")
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-    scale = torch.empty(M, dtype=torch.float32)
-    ap = torch.empty(C.packed_a_numel(M, K), dtype=torch.int16)
-    if M:
-        C.quantize_rows(x2d.data_ptr(), _X_DTYPE_CODE[x2d.dtype], M, K, x2d.stride(0), 0,
-                        scale.data_ptr(), ap.data_ptr(), _threads())
-    return _gemm_cpu(ap, w, M, True, scale, w_scale, bias, torch.float32, x2d.device)
+    out = utils.empty((M, w.N), dtype=torch.float32, device=x2d.device)
+    if M == 0 or w.N == 0:
+        return out
+    x_scale = torch.empty(M, dtype=torch.float32)
+    keep, ptrs = _cpu_scales(True, None, w_scale, bias, M, w.N, x2d.device)  # noqa: F841
+    _ext().linear_dynamic(x2d.data_ptr(), _X_DTYPE_CODE[x2d.dtype], x2d.stride(0),
+                          w.data.data_ptr(), M, w.N, K, out.data_ptr(), w.N, x_scale.data_ptr(),
+                          ptrs[1], ptrs[2], _threads())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,11 +244,7 @@ def _gemm_cuda(a, b, M, N, K, scaled, a_scale, b_scale, bias, out_dtype):
     # the kernel reads a and b with a unit K stride and 16-byte-aligned rows (cp.async)
     a = a if _cp_async_ready(a) else _aligned_rows(a)
     b = b if _cp_async_ready(b) else _aligned_rows(b)
-    keep = [None, None, None]
-    if scaled:
-        keep = [_vec(a_scale, M, a.device), _vec(b_scale, N, a.device),
-                bias.float().contiguous() if bias is not None else None]
-    ptr = [t.data_ptr() if t is not None else 0 for t in keep]
+    keep, ptr = _cpu_scales(scaled, a_scale, b_scale, bias, M, N, a.device)  # noqa: F841
     stream = torch.cuda.current_stream(a.device).cuda_stream
     _ext().gemm_cuda(a.data_ptr(), b.data_ptr(), M, N, K, a.stride(0), b.stride(0),
                      out.data_ptr(), N, _CUDA_OUT_KIND[out_dtype], *ptr, stream)
@@ -291,8 +282,7 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale=None, b_scale=None, bias
     if M == 0 or N == 0:
         return utils.empty((M, N), dtype=torch.float32 if scaled else torch.int32,
                            device=a.device)
-    return _gemm_cpu(_pack_a(a), pack_weight(b), M, scaled, a_scale, b_scale, bias, out_dtype,
-                     a.device)
+    return int8_gemm_packed(a, pack_weight(b), a_scale, b_scale, bias, out_dtype)
 
 
 def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -319,5 +309,5 @@ def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     scale = utils.empty((M,), dtype=torch.float32, device=x.device)
     if M:
         _ext().quantize_rows(x2d.data_ptr(), _X_DTYPE_CODE[x.dtype], M, K, x2d.stride(0),
-                             q.data_ptr(), scale.data_ptr(), 0, _threads())
+                             q.data_ptr(), scale.data_ptr(), _threads())
     return q.reshape(*lead, K), scale.reshape(lead)
