@@ -183,6 +183,7 @@ def run_tasks(tasks: List[Task], jobs: int, poll: float = 0.2) -> dict:
                 if any(status.get(d) in ("failed", "skipped") for d in t.deps):
                     status[t.name] = "skipped"
                     pending.remove(t)
+                    os.makedirs(os.path.dirname(t.log), exist_ok=True)
                     with open(t.log, "a") as f:
                         f.write(f"not started: a dependency failed ({t.deps})\n")
                     if t.on_done:

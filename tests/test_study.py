@@ -1,0 +1,210 @@
+"""The study (tkd_core.study): plan, scheduler, resumability, targets, and a tiny study end to end
+on a slice of real SST-2 (the built-in synthetic task when ../shared is absent)."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import SST2_DIR
+from tkd_core import study
+from tkd_core.model import ModelConfig, build_model, param_count
+
+HAVE_SST2 = os.path.isfile(os.path.join(SST2_DIR, "train.tsv"))
+DATA = ["--task", "sst2", "--data-dir", SST2_DIR] if HAVE_SST2 else ["--task", "synthetic"]
+TINY = DATA + ["--jobs", "0", "--max-train-examples", "192", "--max-dev-examples", "96",
+               "--teacher-preset", "tiny", "--student-preset", "tiny", "--baseline-prefix",
+               "tiny", "--vocab-size", "1000", "--teacher-epochs", "1", "--student-epochs", "1",
+               "--baseline-epochs", "1", "--temperatures", "1", "2", "--latency-reps", "2",
+               "--latency-threads", "1", "--threads", "1"]
+LABELS = ["Teacher", "TKD-NLP", "TKD-NLP (T=2)", "T-NLP", "KD-NLP (BiLSTM)", "RNN", "LSTM",
+          "CNN (Kim 2014)", "TF-IDF + LR", "TKD-NLP INT8"]
+
+
+def test_default_plan_is_the_issues_study():
+    a = study.parse_args(["--out", "x"])
+    plan = study.make_plan(a)
+    by_group = {}
+    for j in plan:
+        by_group.setdefault(j.group, []).append(j)
+    assert {g: len(js) for g, js in by_group.items()} == {
+        "teacher": 1, "tfidf": 1, "tnlp": 2, "rnn": 1, "lstm": 1, "cnn": 1, "tkd": 2,
+        "tkd-T2": 2, "tkd-T4": 2, "kd-bilstm": 2}
+    assert plan[0].name == "teacher"
+    assert {j.arch for j in by_group["kd-bilstm"]} == {"bilstm"}
+    assert all(j.needs_teacher for j in by_group["tkd"] + by_group["kd-bilstm"])
+    assert not any(j.needs_teacher for j in by_group["tnlp"] + by_group["rnn"])
+    assert [j.temperature for g in ("tkd", "tkd-T2", "tkd-T4") for j in by_group[g]] == \
+        [1, 1, 2, 2, 4, 4]
+    # the teacher has >= 5x the student's parameters at the study's vocabulary
+    t = build_model(ModelConfig.preset(a.teacher_preset, vocab_size=8000))
+    s = build_model(ModelConfig.preset(a.student_preset, vocab_size=8000))
+    assert param_count(t) >= 5 * param_count(s)
+
+
+def test_every_job_is_a_valid_trainer_command_line():
+    """The paper's recipe reaches the trainer: KD weight 0.5, batch 64, the temperature."""
+    from tkd_core import train
+    a = study.parse_args(DATA + ["--out", "runs/x"])
+    for job in study.make_plan(a):
+        if job.mode == "tfidf":
+            continue
+        t = train.parse_args(study.train_argv(job, a, "tok.json"))
+        assert (t.mode, t.arch, t.preset, t.seed) == (job.mode, job.arch, job.preset, job.seed)
+        assert (t.alpha, t.batch_size, t.temperature) == (0.5, 64, job.temperature)
+        assert t.out == os.path.join("runs/x", job.name)
+        assert (t.teacher is not None) == job.needs_teacher
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--task", "mrpc"], "single-sentence"),
+    (["--baseline-seeds", "3"], "baseline-seeds"),
+    (["--temperatures", "2", "4"], "temperatures"),
+    (["--jobs", "-1"], "jobs"),
+    (["--latency-reps", "0"], "latency-reps"),
+    (["--task", "nope"], "unknown task"),
+])
+def test_bad_arguments(argv, match):
+    with pytest.raises(ValueError, match=match):
+        study.parse_args(argv)
+    assert study.main(argv) == 1
+
+
+def test_run_state(tmp_path):
+    d = str(tmp_path)
+    assert study.run_state(d) == "new"
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    assert study.run_state(d) == "partial"
+    (tmp_path / "summary.json").write_text(json.dumps({"finished": False}))
+    assert study.run_state(d) == "partial"
+    (tmp_path / "summary.json").write_text(json.dumps({"finished": True}))
+    assert study.run_state(d) == "done"
+    (tmp_path / "summary.json").write_text("{truncated")
+    assert study.run_state(d) == "partial"
+
+
+def test_run_tasks_order_dependencies_failures(tmp_path):
+    py = sys.executable
+    mark = tmp_path / "a.done"
+    done = {}
+
+    def task(name, code, deps=()):
+        return study.Task(name, [py, "-c", code], str(tmp_path / name / "log"), deps,
+                          on_done=lambda ok, w, c: done.__setitem__(name, (ok, w, c)))
+    tasks = [task("a", f"import time; time.sleep(0.3); open({str(mark)!r}, 'w').write('1')"),
+             task("b", f"import os, sys; sys.exit(0 if os.path.exists({str(mark)!r}) else 5)",
+                  deps=("a",)),
+             task("c", "import sys; print('boom'); sys.exit(3)"),
+             task("d", "pass", deps=("c",)),
+             task("e", "x = sum(range(10**6))")]
+    status = study.run_tasks(tasks, jobs=2, poll=0.02)
+    assert status == {"a": "ok", "b": "ok", "c": "failed", "d": "skipped", "e": "ok"}
+    assert {k: v[0] for k, v in done.items()} == {"a": True, "b": True, "c": False, "d": False,
+                                                   "e": True}
+    assert done["a"][1] >= 0.3 and done["e"][2] >= 0.0
+    log_c = (tmp_path / "c" / "log").read_text()
+    assert "boom" in log_c and "$ " in log_c
+    with pytest.raises(ValueError, match="unknown task"):
+        study.run_tasks([task("x", "pass", deps=("y",))], jobs=1)
+    with pytest.raises(ValueError, match="jobs"):
+        study.run_tasks([], jobs=0)
+
+
+def _group(acc, params=1000, lat1=1.0, accs=None, **kw):
+    accs = accs or [acc]
+    sd = (max(accs) - min(accs)) / 2 ** 0.5 if len(accs) > 1 else 0.0
+    return dict(label="x", accuracy=acc, accuracy_std=sd, accuracies=accs, n=len(accs),
+                params=params, latency_ms={1: lat1, 32: 10 * lat1}, **kw)
+
+
+def test_targets_met_and_not_met():
+    groups = dict(teacher=_group(0.84, params=6000, lat1=10.0), tfidf=_group(0.82),
+                  tkd=_group(0.83, params=1000, accs=[0.829, 0.831]),
+                  tnlp=_group(0.80, params=1000, accs=[0.799, 0.801]),
+                  **{"kd-bilstm": _group(0.79, accs=[0.789, 0.791])},
+                  int8=_group(0.826, lat1=1.2, fp32_accuracy=0.830))
+    t = {x["target"].split()[0]: x["met"] for x in study.targets(groups)}
+    assert t == {"teacher": True, "TKD-NLP": True, "INT8": True, "ablation:": True}
+    groups["tfidf"] = _group(0.85)                         # a stronger linear baseline
+    groups["tkd"] = _group(0.82, params=1500, accs=[0.81, 0.83])  # 97.6% of the teacher, 4x
+    groups["int8"] = _group(0.82, lat1=1.5, fp32_accuracy=0.83)   # -1 point, 6.7x
+    t = {x["target"].split()[0]: x["met"] for x in study.targets(groups)}
+    assert t == {"teacher": False, "TKD-NLP": False, "INT8": False, "ablation:": False}
+    c = study.compare(groups, "tkd", "tnlp")  # +2 points, but the seeds spread 2 points
+    assert abs(c["diff"] - 0.02) < 1e-12 and not c["beyond_noise"]
+    del groups["int8"]
+    assert [x["met"] for x in study.targets(groups)][2] is None
+
+
+@pytest.fixture
+def tiny_study(tmp_path_factory, reference_backend):
+    out = str(tmp_path_factory.mktemp("study") / "sst2")
+    argv = TINY + ["--out", out]
+    res = study.run_study(study.parse_args(argv), argv)
+    return out, argv, res
+
+
+def _attempts(out, name):
+    with open(os.path.join(out, name, "study_time.json")) as f:
+        return json.load(f)
+
+
+def test_tiny_study_end_to_end_and_resume(tiny_study, reference_backend):
+    out, argv, res = tiny_study
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["failed"] == [] and saved["n_dev"] == 96
+    groups = saved["groups"]
+    assert sorted(g["label"] for g in groups.values()) == sorted(LABELS)
+    for name, g in groups.items():
+        assert 0.0 <= g["accuracy"] <= 1.0 and g["f1"] is not None, name
+        assert g["params"] > 0 and g["size_fp32"] > 0, name
+        lat = {int(k): v for k, v in g["latency_ms"].items()}
+        assert lat[1] > 0 and lat[32] > 0, name
+        assert abs(g["throughput"] - 32e3 / lat[32]) < 1e-6 * g["throughput"], name
+    assert groups["tkd"]["n"] == 2 and groups["tkd-T2"]["n"] == 2 and groups["rnn"]["n"] == 1
+    assert groups["int8"]["size_int8"] < groups["tkd"]["size_fp32"]  # INT8 Linear weights
+    assert groups["int8"]["fp32_accuracy"] in groups["tkd"]["accuracies"]
+    # our evaluation of every checkpoint agrees with the trainer's own
+    for r in saved["runs"]:
+        if r["mode"] in ("teacher", "student", "distill"):
+            assert r["train_wall_s"] > 0 and r["command"].startswith("python -m tkd_core.train")
+            assert abs(r["metrics"]["accuracy"] - r["trainer_dev_metrics"]["accuracy"]) <= \
+                1.0 / 96 + 1e-9, r["name"]
+            m = build_model(ModelConfig.from_dict(r["config"]))
+            assert r["params"] == param_count(m)
+    assert len(saved["targets"]) == 4 and all(t["met"] in (True, False)
+                                              for t in saved["targets"])
+    report = open(os.path.join(out, "report.md")).read()
+    for needle in ["| model | runs | dev acc %", "## Hardware", "## Targets", "## Temperature",
+                   "## Ablation", "98.32", "92.7", "91.3", "92.6", "No pretraining",
+                   torch.__version__, "python -m tkd_core.study", "Wall time"] + LABELS:
+        assert needle in report, needle
+    for png in ("accuracy_vs_latency.png", "accuracy_vs_size.png"):
+        import matplotlib.image
+        img = matplotlib.image.imread(os.path.join(out, png))
+        assert img.shape[0] > 200 and img.shape[1] > 300 and img.std() > 0, png
+
+    # resumability: a job killed mid-run (checkpoint, no finished summary) continues with
+    # --resume; every finished job is reused, not retrained
+    from tkd_core import train
+    a = study.parse_args(argv)
+    job = next(j for j in study.make_plan(a) if j.name == "tnlp_s1")
+    run_dir = os.path.join(out, job.name)
+    for f in os.listdir(run_dir):
+        os.remove(os.path.join(run_dir, f))
+    tok = os.path.join(out, "tokenizer", "tokenizer.json")
+    assert train.main(study.train_argv(job, a, tok) + ["--stop-at-step", "2"]) == 0
+    assert study.run_state(run_dir) == "partial"
+    teacher_ck = os.path.getmtime(os.path.join(out, "teacher", "checkpoint.pt"))
+    res2 = study.run_study(a, argv)
+    assert res2["failed"] == []
+    assert os.path.getmtime(os.path.join(out, "teacher", "checkpoint.pt")) == teacher_ck
+    assert len(_attempts(out, "teacher")) == 1 and len(_attempts(out, "tkd_T2_s1")) == 1
+    att = _attempts(out, "tnlp_s1")
+    assert len(att) == 1 and att[0]["resumed"] and att[0]["ok"]
+    steps = [json.loads(x)["step"] for x in open(os.path.join(run_dir, "log.jsonl"))
+             if '"type": "step"' in x]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == 3  # 192 / 64 steps, once
+    assert study.run_state(run_dir) == "done"
