@@ -1,0 +1,217 @@
+"""The trainer end to end at a tiny size: every mode, the default pipeline, exact resume, 2-process
+DDP against one process, divergence handling, bad input, and a convergence check of the Triton
+kernels (interpreter) against the torch references."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tkd_core import data, train
+from tkd_core.model import ModelConfig, build_model
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "glue")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory):
+    """A fixed tokenizer: WordPiece training breaks ties in a process-dependent order, so runs
+    that must agree to the bit share one vocabulary."""
+    d = tmp_path_factory.mktemp("vocab")
+    tok = data.train_tokenizer(data.texts(data.load_split("synthetic", "train")[:2000]), 500)
+    return data.save_tokenizer(tok, str(d))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_args(vocab, out, *extra, n_train=96):
+    return ["--preset", "tiny", "--max-train-examples", str(n_train), "--max-dev-examples", "32",
+            "--batch-size", "16", "--max-len", "32", "--no-progress", "--threads", "1",
+            "--vocab", vocab, "--out", str(out), *extra]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(out):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def test_each_mode(tmp_path, vocab, reference_backend):
+    t, s, kd = tmp_path / "teacher", tmp_path / "student", tmp_path / "kd"
+    assert train.main(["--mode", "teacher", "--epochs", "1"] + tiny_args(vocab, t)) == 0
+    assert train.main(["--mode", "student", "--max-steps", "5", "--profile"]
+                      + tiny_args(vocab, s)) == 0
+    assert train.main(["--mode", "distill", "--teacher", str(t / "checkpoint.pt"),
+                       "--max-steps", "4", "--accum", "2", "--warmup", "2"] + tiny_args(vocab, kd)) == 0
+    # checkpoint: everything to resume, clean keys, loadable with weights_only=True
+    ck = train.load_checkpoint(str(t / "checkpoint.pt"))
+    for k in ("model", "optimizer", "scheduler", "scaler", "rng", "step", "epoch",
+              "batch_in_epoch", "config", "tokenizer"):
+        assert k in ck, k
+    assert ck["step"] == 6 and ck["epoch"] == 1 and ck["batch_in_epoch"] == 0
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    assert not [f for f in os.listdir(t) if ".tmp" in f]  # atomic write left nothing behind
+    model = build_model(ModelConfig.from_dict(ck["config"]))
+    model.load_state_dict(weights(t))  # model.safetensors
+    # the logs: every step's losses, lr and throughput, and the evaluations
+    steps = [r for r in read_log(kd) if r["type"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert r["kd_loss"] is not None and r["hard_loss"] > 0 and r["tokens_per_s"] > 0
+        # kd_loss(alpha=0.5) = 0.5 * KL + 0.5 * CE
+        assert r["loss"] == pytest.approx(0.5 * r["kd_loss"] + 0.5 * r["hard_loss"], rel=1e-4)
+    assert steps[0]["lr"] < steps[1]["lr"] > steps[3]["lr"]  # warmup, then decay
+    assert [r for r in read_log(kd) if r["type"] == "eval"][-1]["accuracy"] >= 0
+    assert all(r["kd_loss"] is None for r in read_log(s) if r["type"] == "step")
+    summary = json.load(open(s / "summary.json"))
+    assert summary["steps"] == 5 and summary["finished"] and "accuracy" in summary["metrics"]
+    assert os.path.getsize(s / "trace_rank0.json") > 0  # --profile
+
+
+def test_default_pipeline_at_tiny_size(tmp_path, vocab, reference_backend, capsys):
+    rc = train.main(["--teacher-preset", "tiny", "--student-preset", "tiny", "--teacher-epochs",
+                     "1", "--student-epochs", "1"] + tiny_args(vocab, tmp_path))
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "teacher (2L)" in out and "student KD (2L)" in out
+    assert "student KD INT8" in out or "INT8 student: not available" in out
+    rows = json.load(open(tmp_path / "summary.json"))["rows"]
+    for r in rows:
+        assert r["params"] > 0 and r["size_mb"] > 0 and r["cpu_latency_ms"] > 0
+        assert 0 <= r["score"] <= 1
+
+
+def test_resume_gives_identical_weights(tmp_path, vocab, reference_backend):
+    # dropout on (RNG state restored), accumulation, an epoch boundary after the resume point
+    common = ["--mode", "teacher", "--max-steps", "8", "--accum", "2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train.main(common + tiny_args(vocab, a)) == 0
+    assert train.main(common + ["--stop-at-step", "4"] + tiny_args(vocab, b)) == 0
+    assert train.load_checkpoint(str(b / "checkpoint.pt"))["step"] == 4
+    assert train.main(common + ["--resume"] + tiny_args(vocab, b)) == 0
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    la = [r["loss"] for r in read_log(a) if r["type"] == "step"]
+    lb = [r["loss"] for r in read_log(b) if r["type"] == "step"]
+    assert la == lb and len(la) == 8
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one(tmp_path, vocab, reference_backend):
+    """torchrun, 2 gloo processes, local batch 8, vs one process, batch 16: same global batches,
+    losses within 1e-5 (dropout off; uneven last batch and accumulation included)."""
+    args = ["--mode", "teacher", "--max-steps", "4", "--accum", "2", "--set", "hidden_dropout=0",
+            "--set", "attention_dropout=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train.main(args + tiny_args(vocab, one, n_train=112)) == 0
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "tkd_core.train"] + args + tiny_args(vocab, two, n_train=112)
+    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    l1 = [x for x in read_log(one)]
+    l2 = [x for x in read_log(two)]
+    assert [x["type"] for x in l1] == [x["type"] for x in l2]
+    for x, y in zip(l1, l2):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5, (x, y)
+        if x["type"] == "eval":
+            assert x["accuracy"] == y["accuracy"]
+    assert json.load(open(two / "summary.json"))["world"] == 2
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, vocab, reference_backend,
+                                                       monkeypatch, capsys):
+    real, calls = train.batch_loss, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        loss, hard, kd = real(*a, **k)
+        return (loss * float("nan"), hard, kd) if len(calls) == 4 else (loss, hard, kd)
+    monkeypatch.setattr(train, "batch_loss", poisoned)
+    rc = train.main(["--mode", "teacher", "--max-steps", "6", "--save-every", "1"]
+                    + tiny_args(vocab, tmp_path))
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "loss became nan at step 4" in err and "last good checkpoint" in err
+    assert train.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 3
+    assert read_log(tmp_path)[-1]["type"] == "diverged"
+
+
+def test_bad_input_is_reported_clearly(tmp_path, vocab, reference_backend, capsys):
+    def fails(argv, match):
+        assert train.main(argv) == 1
+        err = capsys.readouterr().err
+        assert match in err, err
+
+    fails(["--task", "imdb"], "valid tasks: cola, sst2")
+    fails(["--mode", "teacher", "--task", "sst2", "--data-dir", str(tmp_path / "nope")],
+          "does not exist")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint" * 10)
+    fails(["--mode", "teacher", "--resume", str(bad)] + tiny_args(vocab, tmp_path / "r"),
+          "is corrupt or not a tkd checkpoint")
+    with pytest.raises(RuntimeError, match="corrupt"):
+        train.load_checkpoint(str(bad))
+    # a 2-label teacher cannot teach the 3-label MNLI student
+    t = tmp_path / "t"
+    assert train.main(["--mode", "teacher", "--max-steps", "1"] + tiny_args(vocab, t)) == 0
+    fails(["--mode", "distill", "--teacher", str(t / "checkpoint.pt"), "--task", "mnli",
+           "--data-dir", os.path.join(FIXTURES, "MNLI")] + tiny_args(vocab, tmp_path / "s"),
+          "label counts must match")
+    fails(["--mode", "teacher", "--set", "hiden_size=3"], "unknown ModelConfig key 'hiden_size'")
+
+
+def test_glue_fixture_pair_task_trains(tmp_path, reference_backend):
+    out = tmp_path / "stsb"
+    assert train.main(["--mode", "teacher", "--task", "stsb", "--data-dir",
+                       os.path.join(FIXTURES, "STS-B"), "--preset", "tiny", "--max-steps", "2",
+                       "--batch-size", "4", "--no-progress", "--threads", "1", "--out",
+                       str(out)]) == 0
+    m = json.load(open(out / "summary.json"))["metrics"]
+    assert {"pearson", "spearman", "loss"} <= set(m)
+    assert os.path.isfile(out / "vocab.txt")  # the tokenizer trained on the split is saved
+
+
+def test_interpreter_kernels_follow_the_reference_loss_curve(tmp_path, vocab, monkeypatch):
+    """The same tiny training run with the Triton kernels (interpreter) and with the torch
+    references: the loss curves agree within tolerance."""
+    args = ["--mode", "distill", "--max-steps", "5", "--set", "hidden_dropout=0", "--set",
+            "attention_dropout=0", "--batch-size", "8"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    t = tmp_path / "t"
+    assert train.main(["--mode", "teacher", "--max-steps", "3"] + tiny_args(vocab, t, n_train=48)
+                      ) == 0
+    curves = {}
+    for backend in ("0", "1"):
+        monkeypatch.setenv("TRITON_INTERPRET", backend)
+        out = tmp_path / f"run{backend}"
+        # (argparse: the last --batch-size wins)
+        assert train.main(["--teacher", str(t / "checkpoint.pt")]
+                          + tiny_args(vocab, out, n_train=40) + args) == 0
+        curves[backend] = [r["loss"] for r in read_log(out) if r["type"] == "step"]
+    ref, ours = curves["0"], curves["1"]
+    assert len(ref) == len(ours) == 5
+    for a, b in zip(ours, ref):
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (ours, ref)
