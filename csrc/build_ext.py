@@ -45,6 +45,25 @@ def find_nvcc():
     return shutil.which("nvcc")
 
 
+def cuda_lib_dirs(nvcc):
+    """Directories holding libcudart_static.a (nvcc may be a wrapper script outside CUDA_HOME)."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    try:  # where nvcc itself says its libraries are
+        out = subprocess.run([nvcc, "-dryrun", "-c", "x.cu"], capture_output=True, text=True).stderr
+        homes += re.findall(r"_TOP_=(\S+)", out)
+    except OSError:
+        pass
+    found = []
+    for home in filter(None, homes):
+        for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
+                    os.path.join("targets", "sbsa-linux", "lib")):
+            d = os.path.join(home, sub)
+            if os.path.exists(os.path.join(d, "libcudart_static.a")) and d not in found:
+                found.append(d)
+    return found
+
+
 def installed_torch_cuda():
     """CUDA version string of the installed torch (None for a CPU build or no torch)."""
     dirs = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
@@ -88,10 +107,7 @@ def extension_kwargs():
     )
     if nvcc:
         ext.define_macros = [("TKD_WITH_CUDA", "1")]
-        cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        lib_dir = next((d for d in ("lib64", "lib", "targets/x86_64-linux/lib")
-                        if os.path.isdir(os.path.join(cuda_home, d))), "lib64")
-        ext.library_dirs = [os.path.join(cuda_home, lib_dir)]
+        ext.library_dirs = cuda_lib_dirs(nvcc)
         ext.libraries = ["cudart_static", "dl", "rt", "pthread"]
     else:
         print(f"tkd: building tkd_core._C for CPU only ({why_not}); CUDA INT8 GEMM not built",
