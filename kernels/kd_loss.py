@@ -408,8 +408,8 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=1.0, alpha=
     teacher_logits = teacher_logits.detach()
     if teacher_logits.dtype != student_logits.dtype:
         teacher_logits = teacher_logits.to(student_logits.dtype)
-    if labels is not None and labels.dtype != torch.int64:
-        labels = labels.to(torch.int64)
+    if labels is not None:
+        labels = labels.to(torch.int64).contiguous()  # the kernel reads labels[row] densely
     if utils.backend(student_logits) == "reference":
         if not torch.compiler.is_compiling():
             _check_label_range(labels, student_logits.shape[1], ignore_index)

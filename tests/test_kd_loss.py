@@ -178,9 +178,17 @@ def test_student_only_requires_grad_through_teacher_is_fine():
 def test_mixed_dtypes_noncontiguous_and_int32_labels():
     s = torch.randn(6, 20, dtype=torch.float16).T  # non-contiguous (20, 6), column stride 20
     t = torch.randn(20, 6, dtype=torch.float32)
-    y = torch.randint(0, 6, (20,), dtype=torch.int32)
+    y = torch.randint(0, 6, (40,), dtype=torch.int32)[::2]  # strided int32 labels
     loss = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.5)
     assert_close(loss, ref64(s, t.half(), y, 2.0, 0.5), 1e-4, "fp16 student, fp32 teacher")
+    s = torch.randn(20, 10)[:, 3:9].requires_grad_()  # row stride 10, unit column stride
+    y = torch.randint(0, 6, (40,))[::2]  # strided int64 labels
+    loss = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.5, reduction="none")
+    loss.sum().backward()
+    s64 = s.detach().double().requires_grad_()
+    ref64(s64, t, y, 2.0, 0.5, reduction="none").sum().backward()
+    assert_close(loss, ref64(s, t, y, 2.0, 0.5, reduction="none"), 1e-5, "row-strided")
+    assert_close(s.grad, s64.grad, 1e-5, "row-strided grad")
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
