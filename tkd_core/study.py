@@ -317,11 +317,11 @@ def hardware(a) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                        if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = f"{info['model name']} (family {info.get('cpu family')}, model {info.get('model')})"
+    except (OSError, KeyError, ValueError):
         pass
     import tkd_core
     return dict(cpu=cpu, cores=os.cpu_count(), isa=torch.backends.cpu.get_cpu_capability(),
@@ -459,7 +459,8 @@ def results_table(groups) -> str:
             f"{_mb(r['size_int8'])} | {_ms(r['latency_ms'], 1)} | {_ms(r['latency_ms'], 32)} | "
             f"{'n/a' if tp is None else format(tp, ',.0f')} | "
             f"{'n/a' if wall is None else format(wall, ',.0f')} |"
-            if r["params"] is not None else f"| {r['label']} | 0 | failed: {r['failed']} |")
+            if r["params"] is not None else
+            f"| {r['label']} | 0 | {r.get('note') or 'failed: ' + ', '.join(r['failed'])} |")
     return "\n".join(lines)
 
 
@@ -467,8 +468,9 @@ def write_report(path: str, res: dict) -> None:
     g, hw, cfg = res["groups"], res["hardware"], res["config"]
     L = [f"# TKD-NLP reproduction on {res['task'].upper()}", ""]
     L += ["Command:", "", "```bash", res["command"], "```", "",
-          f"Wall time of the whole study: **{res['wall_s'] / 60:.1f} min** "
-          f"({res['wall_s']:.0f} s; this invocation, reused runs cost nothing). "
+          f"Wall time of the whole study: **{res['total_wall_s'] / 60:.1f} min** "
+          f"({res['total_wall_s']:.0f} s over {len(res['invocations'])} invocation(s) of the "
+          f"command; the last one: {res['wall_s']:.0f} s). "
           f"Training set: {res['n_train']:,} examples, dev: {res['n_dev']:,}.", ""]
     L += ["## Hardware", "",
           f"- CPU: {hw['cpu']}, {hw['cores']} cores, torch ISA level {hw['isa']}; "
@@ -841,6 +843,20 @@ def study_config(a, plan, tokenizer) -> dict:
                 max_dev_examples=a.max_dev_examples)
 
 
+def _log_invocation(out, command, wall) -> list:
+    """Every invocation's wall time (a resumed study's total is their sum)."""
+    path = os.path.join(out, "invocations.json")
+    try:
+        with open(path) as f:
+            runs = json.load(f)
+    except (OSError, ValueError):
+        runs = []
+    runs.append(dict(command=command, wall_s=wall, finished=time.strftime("%Y-%m-%d %H:%M:%S")))
+    with open(path, "w") as f:
+        json.dump(runs, f, indent=1)
+    return runs
+
+
 def command_line(argv) -> str:
     return "python -m tkd_core.study " + shlex.join(argv)
 
@@ -862,6 +878,8 @@ def run_study(a, argv) -> dict:
         groups["int8"]["note"] = q.get("note")
     res["targets"] = targets(groups)
     res["wall_s"] = time.perf_counter() - t0
+    res["invocations"] = _log_invocation(a.out, res["command"], res["wall_s"])
+    res["total_wall_s"] = sum(x["wall_s"] for x in res["invocations"])
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
     write_report(os.path.join(a.out, "report.md"), res)
