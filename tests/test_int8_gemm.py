@@ -395,3 +395,11 @@ def test_cuda_kernel_compiles_with_imma_and_no_spills(cuda_fatbin):
             assert int(regs) <= 255
         ssec = re.search(rf"arch = sm_{arch}\n(.*?)(?=arch = sm_|\Z)", sass, re.S)
         assert ssec and "IMMA.16832.S8.S8" in ssec.group(1), f"sm_{arch}: no IMMA in the SASS"
+
+
+def test_registered_custom_ops():
+    a, b = rand_i8(5, 40), rand_i8(7, 40)
+    sa, sb, bias = torch.rand(5), torch.rand(7), torch.randn(7)
+    torch.library.opcheck(torch.ops.tkd.int8_gemm.default, (a, b, sa, sb, bias, None))
+    torch.library.opcheck(torch.ops.tkd.int8_gemm.default, (a, b, None, None, None, None))
+    torch.library.opcheck(torch.ops.tkd.quantize_per_token.default, (torch.randn(3, 4, 40),))

@@ -266,16 +266,17 @@ def _aligned_rows(t):
 # ---------------------------------------------------------------------------------------------
 # public ops
 
-def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale=None, b_scale=None, bias=None,
-              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """a @ b.T for int8 a (M, K) and int8 b (N, K) (nn.Linear weight layout).
+def _as_tensor(s, device):
+    """Python number scales -> 0-d float32 tensors (custom ops take tensors)."""
+    if s is None or isinstance(s, torch.Tensor):
+        return s
+    return torch.tensor(float(s), dtype=torch.float32, device=device)
 
-    Without a_scale / b_scale / bias: the exact int32 (M, N) result. With them:
-    acc * a_scale[:, None] * b_scale[None, :] + bias, fused into the kernel's epilogue, where
-    a_scale is (M,) per token or a scalar, b_scale is (N,) per channel or a scalar (a missing one
-    counts as 1), bias is (N,). out_dtype: float32 on CPU; float16, bfloat16 or float32 on CUDA
-    (default float32). Any strides are accepted. Inference only (no autograd).
-    """
+
+@torch.library.custom_op("tkd::int8_gemm", mutates_args=())
+def _int8_gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor],
+                  b_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                  out_dtype: Optional[torch.dtype]) -> torch.Tensor:
     M, N, K, scaled = _validate_gemm(a, b, a_scale, b_scale, bias, out_dtype)
     if a.is_cuda:
         return _gemm_cuda(a, b, M, N, K, scaled, a_scale, b_scale, bias, out_dtype)
@@ -285,19 +286,16 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale=None, b_scale=None, bias
     return int8_gemm_packed(a, pack_weight(b), a_scale, b_scale, bias, out_dtype)
 
 
-def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-token int8 quantization of x (..., K) (float32, float16 or bfloat16).
+@_int8_gemm_op.register_fake
+def _(a, b, a_scale, b_scale, bias, out_dtype):
+    scaled = _scaled(a_scale, b_scale, bias, out_dtype)
+    dtype = out_dtype or (torch.float32 if scaled else torch.int32)
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=dtype)
 
-    Returns (q int8 (..., K) in [-127, 127], scale float32 (...)) with scale = absmax / 127 per
-    row (1 for an all-zero row) and q = round_half_even(x / scale); x ~ q * scale[..., None].
-    On CPU one fused pass (one read of x); on CUDA the torch reference.
-    """
-    utils.check_tensor("x", x, dtypes=utils.FLOAT_DTYPES)
-    if x.dim() == 0:
-        raise ValueError("x must have at least 1 dimension (..., K)")
+
+@torch.library.custom_op("tkd::quantize_per_token", mutates_args=())
+def _quantize_per_token_op(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     K = x.shape[-1]
-    if K == 0:
-        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     if x.is_cuda:
         return quantize_per_token_ref(x)
     lead = x.shape[:-1]
@@ -311,3 +309,40 @@ def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         _ext().quantize_rows(x2d.data_ptr(), _X_DTYPE_CODE[x.dtype], M, K, x2d.stride(0),
                              q.data_ptr(), scale.data_ptr(), _threads())
     return q.reshape(*lead, K), scale.reshape(lead)
+
+
+@_quantize_per_token_op.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale=None, b_scale=None, bias=None,
+              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """a @ b.T for int8 a (M, K) and int8 b (N, K) (nn.Linear weight layout).
+
+    Without a_scale / b_scale / bias: the exact int32 (M, N) result. With them:
+    acc * a_scale[:, None] * b_scale[None, :] + bias, fused into the kernel's epilogue, where
+    a_scale is (M,) per token or a scalar, b_scale is (N,) per channel or a scalar (a missing one
+    counts as 1), bias is (N,). out_dtype: float32 on CPU; float16, bfloat16 or float32 on CUDA
+    (default float32). Any strides are accepted. Inference only (no autograd). Registered as
+    torch.ops.tkd.int8_gemm (with a fake implementation for torch.compile).
+    """
+    _validate_gemm(a, b, a_scale, b_scale, bias, out_dtype)  # clear errors before the op
+    return _int8_gemm_op(a, b, _as_tensor(a_scale, a.device), _as_tensor(b_scale, a.device),
+                         bias, out_dtype)
+
+
+def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8 quantization of x (..., K) (float32, float16 or bfloat16).
+
+    Returns (q int8 (..., K) in [-127, 127], scale float32 (...)) with scale = absmax / 127 per
+    row (1 for an all-zero row) and q = round_half_even(x / scale); x ~ q * scale[..., None].
+    On CPU one fused pass (one read of x); on CUDA the torch reference.
+    Registered as torch.ops.tkd.quantize_per_token.
+    """
+    utils.check_tensor("x", x, dtypes=utils.FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dimension (..., K)")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    return _quantize_per_token_op(x)
