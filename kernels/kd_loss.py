@@ -225,7 +225,11 @@ def kd_loss_fwd(student_logits, teacher_logits, labels=None, temperature=1.0, al
     """Forward launcher. Returns (loss, grad): loss fp32, () for "sum"/"mean" and (N,) for
     "none"; grad (N, V) in the student dtype, d loss / d s with the reduction factor folded in
     (1/count for "mean"), or an empty (0,) tensor when compute_grad is False."""
-    s, t = student_logits, teacher_logits
+    # the kernel needs unit column strides and dense labels (any row stride is fine)
+    s = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
+    t = teacher_logits if teacher_logits.stride(-1) == 1 else teacher_logits.contiguous()
+    if labels is not None:
+        labels = labels.to(torch.int64).contiguous()
     N, V = s.shape
     device = s.device
     count = _reduction_count(labels, ignore_index, N, device)  # (1,)
@@ -409,16 +413,12 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=1.0, alpha=
     if teacher_logits.dtype != student_logits.dtype:
         teacher_logits = teacher_logits.to(student_logits.dtype)
     if labels is not None:
-        labels = labels.to(torch.int64).contiguous()  # the kernel reads labels[row] densely
+        labels = labels.to(torch.int64)
     if utils.backend(student_logits) == "reference":
         if not torch.compiler.is_compiling():
             _check_label_range(labels, student_logits.shape[1], ignore_index)
         return kd_loss_ref(student_logits, teacher_logits, labels, temperature, alpha,
                            ignore_index, reduction)
-    if student_logits.stride(-1) != 1:
-        student_logits = student_logits.contiguous()
-    if teacher_logits.stride(-1) != 1:
-        teacher_logits = teacher_logits.contiguous()
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, _ = _kd_loss_fwd_op(student_logits, teacher_logits, labels, float(temperature),
                               float(alpha), int(ignore_index), reduction, compute_grad)
