@@ -17,6 +17,7 @@ from torch import nn
 
 from bench import harness
 from tkd_core.model import ModelConfig, build_model, param_count
+from tkd_core.train import cpu_threads
 
 
 class TorchBert(nn.Module):
@@ -89,6 +90,7 @@ def main(device, quick=False):
     old = os.environ.get("TRITON_INTERPRET")
     if device.type == "cpu":
         os.environ["TRITON_INTERPRET"] = "0"  # our ops: the torch-reference CPU path
+        torch.set_num_threads(cpu_threads(0))  # 1 thread when other processes load the CPU
     rows = []
     try:
         for preset, B, S in shapes:
@@ -119,7 +121,8 @@ def main(device, quick=False):
     table = [cols] + [[harness._fmt(r.get(c, "")) if not isinstance(r.get(c), int)
                        else f"{r[c]:,}" for c in cols] for r in rows]
     widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
-    print(f"\n== train ({harness.device_name(device)}) ==")
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"\n== train ({harness.device_name(device)}{threads}) ==")
     for i, line in enumerate(table):
         print("| " + " | ".join(s.ljust(w) for s, w in zip(line, widths)) + " |")
         if i == 0:
