@@ -616,7 +616,7 @@ def parse_args(argv=None):
     a("--teacher-preset", default="cpu-teacher")
     a("--student-preset", default="cpu-student-2")
     a("--baseline-prefix", default="cpu", help="presets <prefix>-{bilstm,rnn,lstm,cnn}")
-    a("--teacher-epochs", type=float, default=1)
+    a("--teacher-epochs", type=float, default=1.5)
     a("--student-epochs", type=float, default=2, help="TKD-NLP, T-NLP, KD-BiLSTM")
     a("--baseline-epochs", type=float, default=2, help="RNN, LSTM, CNN")
     a("--teacher-lr", type=float, default=5e-4)
@@ -911,8 +911,8 @@ def estimate(a, argv) -> dict:
     rows, tasks = [], []
     for job in plan:
         if job.mode == "tfidf":
-            rows.append(dict(name=job.name, projected_s=60.0, note="scikit-learn, measured "
-                             "separately (~1 min on full SST-2)"))
+            rows.append(dict(name=job.name, projected_s=30.0, note="scikit-learn: ~10 CPU s "
+                             "on full SST-2, measured separately"))
             continue
         attempts = _read_attempts(os.path.join(est.out, job.name))
         cpu = attempts[-1]["cpu_s"] if attempts else None
