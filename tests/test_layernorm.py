@@ -1,6 +1,7 @@
 """tkd_core.ops.layer_norm: Triton kernels (interpreter) against a float64 torch reference.
 
-Tolerances are on rel_err = max|out - ref| / max|ref| against F.layer_norm on .double() inputs:
+Tolerances are on rel_err = max|out - ref| / max|ref| against F.layer_norm on .double() inputs,
+widened for ill-conditioned rows by max|terms summed| / max|ref| (see `term_scales`):
 - fp32: outputs are rounded to fp32 (2^-24) after fp32 reductions over N columns (y, dx) or M
   rows (dw, db), whose error grows like eps32 * sqrt(length) for random data; we allow
   8 * eps32 * sqrt(length), at least 32 * eps32 (~4e-6; 1.5e-4 at N = 65536).
@@ -14,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, rel_err
+from helpers import assert_close
 
 import tkd_core
 from tkd_core.kernels import layernorm as ln
@@ -54,12 +55,39 @@ def ours(x, w, b, eps, r):
     return tkd_core.ops.layer_norm(x, w, b, eps=eps, residual=r)
 
 
-def reference64(x, w, b, eps, r):
+def reference64(x, w, b, eps, r, h_rounded=None):
+    """float64 LN(x + r). With h_rounded (the kernel's returned x + r, rounded to its dtype), y
+    and the gradients are those of LN at exactly that h, as the op documents: rows with N = 2
+    and near-equal elements are too ill-conditioned to compare against LN(unrounded h)."""
     def d(t):
         return t.double() if t is not None else None
     h = d(x) if r is None else d(x) + d(r)
-    y = F.layer_norm(h, h.shape[-1:], d(w), d(b), eps)
+    h_ln = h if h_rounded is None else h + (h_rounded.double() - h).detach()
+    y = F.layer_norm(h_ln, h.shape[-1:], d(w), d(b), eps)
     return y if r is None else (y, h)
+
+
+def term_scales(x, w, b, r, h, gy, gh, eps=1e-5):
+    """Per output, the float64 magnitude of the terms its computation adds up (>= |output|).
+
+    The forward error of a finite-precision LayerNorm is bounded by u * (these terms), not by
+    u * |output|: h - mean cancels when a row's spread is small next to its values (e.g. N = 2
+    with near-equal elements), and dx = rstd * (g - xhat * c1 - c2) cancels likewise.
+    """
+    h = h.double()
+    mean = h.mean(-1, keepdim=True)
+    rstd = 1 / torch.sqrt(((h - mean) ** 2).mean(-1, keepdim=True) + eps)
+    hs = (h.abs() + mean.abs()) * rstd  # bounds |xhat| and the scale of its rounding error
+    aw = w.double().abs() if w is not None else torch.ones(h.shape[-1], dtype=torch.float64)
+    ab = b.double().abs() if b is not None else 0.0
+    ag = gy.abs() * aw
+    dx = rstd * (ag + hs * (ag * hs).mean(-1, keepdim=True) + ag.mean(-1, keepdim=True))
+    if gh is not None:
+        dx = dx + gh.abs()
+    rows = tuple(range(h.dim() - 1))
+    return {"y": hs * aw + ab, "x + residual": x.double().abs() + (r.double().abs() if r is
+            not None else 0), "dx": dx, "dresidual": dx,
+            "dweight": (gy.abs() * hs).sum(rows), "dbias": gy.abs().sum(rows)}
 
 
 def check(M, N, dtype, affine="wb", residual=False, lead=None, x=None):
@@ -68,24 +96,28 @@ def check(M, N, dtype, affine="wb", residual=False, lead=None, x=None):
     gy = torch.randn(x.shape, dtype=torch.float64)  # not ones: exercises the c1/c2 terms
     gh = torch.randn(x.shape, dtype=torch.float64) if residual else None
     got = run(ours, x, w, b, r, gy, gh)
-    ref = run(reference64, x.double(), *(t.double() if t is not None else None for t in (w, b, r)),
+
+    def ref64(*args):
+        return reference64(*args, h_rounded=got[1])
+    ref = run(ref64, x.double(), *(t.double() if t is not None else None for t in (w, b, r)),
               gy, gh)
-    peer = run(ln.layer_norm_ref, x, w, b, r, gy, gh)  # torch itself in the same dtype
+    scales = term_scales(x, w, b, r, got[1] if residual else x, gy, gh)
     rows = x.numel() // max(N, 1)
     names = ("y", "x + residual", "dx", "dweight", "dbias", "dresidual")
     lengths = (N, 1, N, rows, rows, N)
-    for name, g, e, p, length in zip(names, got, ref, peer, lengths):
+    for name, g, e, length in zip(names, got, ref, lengths):
         assert (g is None) == (e is None), f"{name}: presence differs from torch"
-        if g is not None:
-            assert g.dtype == (x.dtype if name in ("y", "x + residual", "dx", "dresidual")
-                               else dtype), f"{name}: dtype {g.dtype}"
-            if e.numel() and e.abs().max() < 1e-9:  # N = 1: xhat = 0, so dx = dw = 0 exactly
-                assert g.abs().max() <= 1e-6, f"{name}: expected zeros, got {g}"
-            else:
-                # ill-conditioned rows (N = 2, near-equal elements) lose digits in any fp32
-                # kernel: then allow twice torch's own error in the same dtype
-                t = max(tol(dtype, length), 2 * rel_err(p, e))
-                assert_close(g, e, t, f"{name} ({M}x{N} {dtype})")
+        if g is None:
+            continue
+        assert g.dtype == (x.dtype if name in ("y", "x + residual", "dx", "dresidual")
+                           else dtype), f"{name}: dtype {g.dtype}"
+        if e.numel() and e.abs().max() < 1e-9:  # N = 1: xhat = 0, so dx = dw = 0 exactly
+            assert g.abs().max() <= 1e-6, f"{name}: expected zeros, got {g}"
+            continue
+        # relative to max|ref|, widened by how much larger the summed terms are (the
+        # conditioning of the row: ~1-3 for ordinary rows, large only for near-constant ones)
+        cond = max(1.0, scales[name].max().item() / e.abs().max().item()) if e.numel() else 1.0
+        assert_close(g, e, tol(dtype, length) * cond, f"{name} ({M}x{N} {dtype}, cond {cond:.1f})")
 
 
 # 257 rows only with short rows (the interpreter's cost grows with programs x tile size)
