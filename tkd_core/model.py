@@ -71,12 +71,14 @@ class ModelConfig:
 PRESETS = {
     # the paper's teacher
     "bert-base": dict(hidden_size=768, num_layers=12, num_heads=12, ffn_size=3072),
-    # CPU-sized: a 12-layer teacher that trains on 2 cores in a couple of minutes
-    "cpu-teacher": dict(hidden_size=128, num_layers=12, num_heads=4, ffn_size=512,
-                        max_positions=128),
+    # CPU-sized (the default run). The 12-layer teacher is pre-LN: measured on the built-in
+    # task, post-LN (and hidden 128) 12-layer models stay at chance for the 2+ epochs a CPU run
+    # affords, while pre-LN hidden 64 reaches ~95% dev accuracy in 3 epochs.
+    "cpu-teacher": dict(hidden_size=64, num_layers=12, num_heads=4, ffn_size=256,
+                        max_positions=128, pre_ln=True),
     "cpu-student-4": dict(hidden_size=128, num_layers=4, num_heads=4, ffn_size=512,
                           max_positions=128),
-    "cpu-student-2": dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=256,
+    "cpu-student-2": dict(hidden_size=64, num_layers=2, num_heads=4, ffn_size=256,
                           max_positions=128),
     # tests
     "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, ffn_size=64, max_positions=64),
