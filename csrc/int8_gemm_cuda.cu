@@ -210,13 +210,10 @@ template <int OUT>
 cudaError_t launch(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K,
                    int64_t lda, int64_t ldb, void* out, int64_t ldc, const float* a_scale,
                    const float* b_scale, const float* bias, cudaStream_t stream) {
-  static bool configured = false;  // > 48 KiB of dynamic shared memory must be opted into
-  if (!configured) {
-    cudaError_t e = cudaFuncSetAttribute(int8_gemm_kernel<OUT>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
-    if (e != cudaSuccess) return e;
-    configured = true;
-  }
+  // > 48 KiB of dynamic shared memory must be opted into, per device (cheap: set every launch)
+  cudaError_t e = cudaFuncSetAttribute(int8_gemm_kernel<OUT>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+  if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>((N + BN - 1) / BN), static_cast<unsigned>((M + BM - 1) / BM));
   int8_gemm_kernel<OUT><<<grid, THREADS, SMEM_BYTES, stream>>>(a, b, out, a_scale, b_scale, bias,
                                                                M, N, K, lda, ldb, ldc);

@@ -245,9 +245,10 @@ def _gemm_cuda(a, b, M, N, K, scaled, a_scale, b_scale, bias, out_dtype):
     a = a if _cp_async_ready(a) else _aligned_rows(a)
     b = b if _cp_async_ready(b) else _aligned_rows(b)
     keep, ptr = _cpu_scales(scaled, a_scale, b_scale, bias, M, N, a.device)  # noqa: F841
-    stream = torch.cuda.current_stream(a.device).cuda_stream
-    _ext().gemm_cuda(a.data_ptr(), b.data_ptr(), M, N, K, a.stride(0), b.stride(0),
-                     out.data_ptr(), N, _CUDA_OUT_KIND[out_dtype], *ptr, stream)
+    with torch.cuda.device(a.device):  # the launch goes to the current device
+        stream = torch.cuda.current_stream(a.device).cuda_stream
+        _ext().gemm_cuda(a.data_ptr(), b.data_ptr(), M, N, K, a.stride(0), b.stride(0),
+                         out.data_ptr(), N, _CUDA_OUT_KIND[out_dtype], *ptr, stream)
     return out
 
 

@@ -139,6 +139,9 @@ class Int8Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must end in in_features={self.in_features}, got shape "
                              f"{tuple(x.shape)}")
+        if x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device} but Int8Linear's weight is on "
+                             f"{self.weight.device}")
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if x.is_cuda:
             q, s = ops.quantize_per_token(x2)
