@@ -217,3 +217,22 @@ def test_interpreter_kernels_follow_the_reference_loss_curve(tmp_path, vocab, mo
     assert ref[0] != ref[-1]  # it trains
     for a, b in zip(ours, ref):
         assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (ours, ref)
+
+
+def test_fp16_skipped_steps_are_counted(tmp_path, vocab, reference_backend, monkeypatch):
+    """GradScaler steps skipped for inf/NaN gradients are counted and logged (fp16 autocast; on
+    CPU here). A huge initial scale makes the first steps overflow for sure."""
+    real = torch.amp.GradScaler
+
+    def huge_scale(device, enabled=True):
+        return real(device, init_scale=2.0 ** 100, enabled=enabled)
+    monkeypatch.setattr(train.torch.amp, "GradScaler", huge_scale)
+    out = tmp_path / "fp16"
+    assert train.main(["--mode", "teacher", "--max-steps", "3", "--precision", "fp16"]
+                      + tiny_args(vocab, out)) == 0
+    steps = [r for r in read_log(out) if r["type"] == "step"]
+    assert [r["skipped"] for r in steps] == [True, True, True]
+    assert steps[-1]["skipped_steps"] == 3
+    assert json.load(open(out / "summary.json"))["skipped_steps"] == 3
+    ck = train.load_checkpoint(str(out / "checkpoint.pt"))
+    assert ck["scaler"]["scale"] == 2.0 ** 97  # halved once per skipped step

@@ -133,14 +133,16 @@ class Layer(nn.Module):
         """Post-LN: x is the layer input, returns (output, None).
         Pre-LN: x is the residual stream h, `pending` the previous sublayer's output still to be
         added (None before the first layer); returns (h, pending)."""
+        # Under autocast the sublayers return fp16/bf16; the residual stream keeps its own dtype
+        # (fp32 from the embeddings), so each sublayer output is cast to it before the fused add.
         if not self.pre_ln:
-            x, _ = self.ln1(self.drop(self.attn(x, mask)), residual=x)
-            x, _ = self.ln2(self.drop(self.ffn(x)), residual=x)
+            x, _ = self.ln1(self.drop(self.attn(x, mask)).to(x.dtype), residual=x)
+            x, _ = self.ln2(self.drop(self.ffn(x)).to(x.dtype), residual=x)
             return x, None
         h = x
         n, h = self.ln1(pending, residual=h) if pending is not None else (self.ln1(h), h)
-        n, h = self.ln2(self.drop(self.attn(n, mask)), residual=h)
-        return h, self.drop(self.ffn(n))
+        n, h = self.ln2(self.drop(self.attn(n, mask)).to(h.dtype), residual=h)
+        return h, self.drop(self.ffn(n)).to(h.dtype)
 
 
 class TransformerClassifier(nn.Module):

@@ -550,7 +550,8 @@ def train(args, tag=None):
         was_skipped = use_scaler and scaler.get_scale() < scale_before  # inf/NaN grads
         skipped += int(was_skipped)
         lr = sched.get_last_lr()[0]
-        sched.step()
+        if not was_skipped:  # the schedule follows the optimizer's real updates
+            sched.step()
         opt.zero_grad(set_to_none=True)
         step, pos = step + 1, pos + len(window)
         dt = time.perf_counter() - t0
