@@ -47,3 +47,8 @@ def pytest_report_header(config):
 def _fresh_seed(request):
     torch.manual_seed((SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % (2**31))
     yield
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if exitstatus:  # shown even under -q: the seed that reproduces the failing inputs
+        terminalreporter.write_line(f"tkd: rerun with TKD_TEST_SEED={SESSION_SEED}")
