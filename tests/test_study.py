@@ -14,7 +14,8 @@ from tkd_core.model import ModelConfig, build_model, param_count
 HAVE_SST2 = os.path.isfile(os.path.join(SST2_DIR, "train.tsv"))
 DATA = ["--task", "sst2", "--data-dir", SST2_DIR] if HAVE_SST2 else ["--task", "synthetic"]
 TINY = DATA + ["--jobs", "0", "--max-train-examples", "192", "--max-dev-examples", "96",
-               "--teacher-preset", "tiny", "--student-preset", "tiny", "--baseline-prefix",
+               "--teacher-preset", "tiny", "--teacher-set", "pre_ln=true", "hidden_size=48",
+               "--student-preset", "tiny", "--baseline-prefix",
                "tiny", "--vocab-size", "1000", "--teacher-epochs", "1", "--student-epochs", "1",
                "--baseline-epochs", "1", "--temperatures", "1", "2", "--latency-reps", "2",
                "--latency-threads", "1", "--threads", "1"]
@@ -38,8 +39,9 @@ def test_default_plan_is_the_issues_study():
     assert [j.temperature for g in ("tkd", "tkd-T2", "tkd-T4") for j in by_group[g]] == \
         [1, 1, 2, 2, 4, 4]
     # the teacher has >= 5x the student's parameters at the study's vocabulary
-    t = build_model(ModelConfig.preset(a.teacher_preset, vocab_size=8000))
-    s = build_model(ModelConfig.preset(a.student_preset, vocab_size=8000))
+    t = build_model(study.job_config(plan[0], 8000))
+    s = build_model(study.job_config(by_group["tkd"][0], 8000))
+    assert t.config.num_layers == 12 and s.config.num_layers < 12
     assert param_count(t) >= 5 * param_count(s)
 
 
@@ -55,6 +57,7 @@ def test_every_job_is_a_valid_trainer_command_line():
         assert (t.alpha, t.batch_size, t.temperature) == (0.5, 64, job.temperature)
         assert t.out == os.path.join("runs/x", job.name)
         assert (t.teacher is not None) == job.needs_teacher
+        assert t.set == list(job.overrides)
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -166,6 +169,8 @@ def test_tiny_study_end_to_end_and_resume(tiny_study, reference_backend):
     assert groups["tkd"]["n"] == 2 and groups["tkd-T2"]["n"] == 2 and groups["rnn"]["n"] == 1
     assert groups["int8"]["size_int8"] < groups["tkd"]["size_fp32"]  # INT8 Linear weights
     assert groups["int8"]["fp32_accuracy"] in groups["tkd"]["accuracies"]
+    teacher = next(r for r in saved["runs"] if r["name"] == "teacher")
+    assert teacher["config"]["pre_ln"] and teacher["config"]["hidden_size"] == 48
     # our evaluation of every checkpoint agrees with the trainer's own
     for r in saved["runs"]:
         if r["mode"] in ("teacher", "student", "distill"):
@@ -179,7 +184,8 @@ def test_tiny_study_end_to_end_and_resume(tiny_study, reference_backend):
     report = open(os.path.join(out, "report.md")).read()
     for needle in ["| model | runs | dev acc %", "## Hardware", "## Targets", "## Temperature",
                    "## Ablation", "98.32", "92.7", "91.3", "92.6", "No pretraining",
-                   torch.__version__, "python -m tkd_core.study", "Wall time"] + LABELS:
+                   torch.__version__, "python -m tkd_core.study", "Wall time",
+                   "tiny `pre_ln=true` `hidden_size=48` (pre-LN)"] + LABELS:
         assert needle in report, needle
     for png in ("accuracy_vs_latency.png", "accuracy_vs_size.png"):
         import matplotlib.image
@@ -208,3 +214,6 @@ def test_tiny_study_end_to_end_and_resume(tiny_study, reference_backend):
              if '"type": "step"' in x]
     assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == 3  # 192 / 64 steps, once
     assert study.run_state(run_dir) == "done"
+    inv = res2["invocations"]
+    assert len(inv) == 2 and all(x["completed"] for x in inv)
+    assert res2["total_wall_s"] == pytest.approx(inv[0]["wall_s"] + inv[1]["wall_s"])
