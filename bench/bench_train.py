@@ -34,7 +34,9 @@ class TorchBert(nn.Module):
         layer = nn.TransformerEncoderLayer(h, cfg.num_heads, cfg.ffn_size, cfg.hidden_dropout,
                                            activation="gelu", layer_norm_eps=cfg.layer_norm_eps,
                                            batch_first=True, norm_first=cfg.pre_ln)
-        self.encoder = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
+        final = nn.LayerNorm(h, eps=cfg.layer_norm_eps) if cfg.pre_ln else None  # as ours
+        self.encoder = nn.TransformerEncoder(layer, cfg.num_layers, norm=final,
+                                             enable_nested_tensor=False)
         self.pooler = nn.Linear(h, h)
         self.classifier = nn.Linear(h, cfg.num_labels)
 
