@@ -346,6 +346,7 @@ def hardware(a) -> dict:
                 gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                 train_threads_per_job=a.threads, parallel_jobs=a.jobs,
                 latency_threads=a.latency_threads,
+                load_average_at_latency=getattr(a, "load_at_latency", None),
                 ops_backend=tkd_core.ops.backend(torch.zeros(1)))
 
 
@@ -483,7 +484,7 @@ def results_table(groups) -> str:
 
 def write_report(path: str, res: dict) -> None:
     g, hw, cfg = res["groups"], res["hardware"], res["config"]
-    L = [f"# TKD-NLP reproduction on {res['task'].upper()}", ""]
+    L = [f"# TKD-NLP reproduction on {gdata.get_task(res['task']).dirname or res['task']}", ""]
     L += ["Command:", "", "```bash", res["command"], "```", "",
           f"Wall time of the whole study: **{res['total_wall_s'] / 60:.1f} min** "
           f"({res['total_wall_s']:.0f} s over {len(res['invocations'])} invocation(s) of the "
@@ -500,7 +501,9 @@ def write_report(path: str, res: dict) -> None:
           f", {hw['train_threads_per_job']} thread(s) each; latency: `torch.set_num_threads({hw['latency_threads']})`, "
           f"nothing else of the study running, median of {cfg['latency_reps']} forwards "
           f"(after 2 warm-ups) of random tokens, batch 1 and 32, sequence length {SEQ_LEN}, "
-          "no padding. Throughput = 32 / (batch-32 latency).", ""]
+          "no padding. Throughput = 32 / (batch-32 latency). 1-minute load average when the "
+          f"latency runs started: {hw['load_average_at_latency']:.2f} (above ~0.5, other "
+          "processes shared the cores and the latencies are pessimistic).", ""]
     L += ["## Results (dev set)", "", results_table(g), "",
           "Accuracy and F1 are means over the seeds (std over seeds after ±); every other column "
           "is of one run of the group. Size = bytes of the saved state_dict (`torch.save`; TF-IDF: "
@@ -775,6 +778,7 @@ def measure(a, plan, status, spec, train, dev, tokenizer) -> List[dict]:
     """Evaluate, size and time every model; one dict per job (+ the INT8 student)."""
     from tokenizers import Tokenizer
     torch.set_num_threads(a.latency_threads)
+    a.load_at_latency = os.getloadavg()[0]  # other processes on the machine skew latency
     tok = Tokenizer.from_file(tokenizer)
     dev_items = gdata.encode(tok, dev, a.max_len)
     labels = [y for _, _, y in dev_items]
