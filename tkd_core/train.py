@@ -424,6 +424,9 @@ def train(args, tag=None):
         cfg = ModelConfig.preset(args.preset or DEFAULT_PRESET[args.mode], arch=args.arch,
                                  vocab_size=tok.get_vocab_size(), num_labels=spec.num_labels,
                                  **over)
+    if teacher is not None and teacher.config.num_labels != cfg.num_labels:
+        raise ValueError(f"teacher has {teacher.config.num_labels} label(s), the student "
+                         f"{cfg.num_labels}: teacher and student label counts must match")
     if cfg.max_positions < args.max_len:
         raise ValueError(f"--max-len {args.max_len} exceeds the model's max_positions "
                          f"{cfg.max_positions}")
@@ -575,9 +578,9 @@ def train(args, tag=None):
             batches = epoch_batches(len(train_items), epoch, args, rank, world)
         if end_of_epoch or step == total or (args.eval_every and step % args.eval_every == 0):
             m = run_eval()
-            if bar:
-                bar.write(f"[{name}] step {step} epoch {epoch}: " +
-                          " ".join(f"{k} {v:.4f}" for k, v in m.items()))
+            if main:
+                (bar.write if bar else print)(f"[{name}] step {step} epoch {epoch}: " +
+                                              " ".join(f"{k} {v:.4f}" for k, v in m.items()))
         if end_of_epoch or step == total or (args.save_every and step % args.save_every == 0) \
                 or step == args.stop_at_step:
             checkpoint()
@@ -671,8 +674,11 @@ def pipeline(args):
             f.write("*\n")  # run outputs never land in git
     t0 = time.perf_counter()
     ex = dict(vars(args))
+    def resume(stage):  # --resume: each stage continues from its own checkpoint, if any
+        ck = os.path.join(root, stage, CHECKPOINT)
+        return "auto" if args.resume and os.path.exists(ck) else None
     t_args = argparse.Namespace(**dict(ex, **PIPELINE["teacher"], mode="teacher",
-                                       preset=args.teacher_preset,
+                                       preset=args.teacher_preset, resume=resume("teacher"),
                                        out=os.path.join(root, "teacher")))
     if args.teacher_epochs:
         t_args.epochs = args.teacher_epochs
@@ -681,7 +687,8 @@ def pipeline(args):
     t = train(t_args, tag="teacher")
     s_args = argparse.Namespace(**dict(ex, **PIPELINE["student"], mode="distill",
                                        preset=args.student_preset, teacher=t["checkpoint"],
-                                       resume=None, out=os.path.join(root, "student")))
+                                       resume=resume("student"),
+                                       out=os.path.join(root, "student")))
     if args.student_epochs:
         s_args.epochs = args.student_epochs
     if args.lr:
