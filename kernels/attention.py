@@ -67,14 +67,15 @@ def _dropout_keep(seed, bh, offs, dropout_p):
 
 
 @triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """tl.dot with an fp32 accumulator. UPCAST_DOT (set only for bf16 in Triton's interpreter,
-    whose numpy dot multiplies bf16 bit patterns as integers: triton-lang/triton#11584, bf16 is
-    unsupported there) computes the same products in fp32: bf16 x bf16 is exact in fp32, as on
-    the tensor cores. Compiled kernels never set it (aot_specs: UPCAST_DOT=False)."""
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b in fp32 (acc None: a fresh accumulator), on the tensor cores for fp16/bf16.
+    UPCAST_DOT (set only for bf16 in Triton's interpreter, whose numpy dot multiplies bf16 bit
+    patterns as integers: triton-lang/triton#11584, bf16 is unsupported there) computes the same
+    products in fp32: bf16 x bf16 is exact in fp32, as on the tensor cores. Compiled kernels never
+    set it (aot_specs: UPCAST_DOT=False)."""
     if UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -138,7 +139,7 @@ def _attn_fwd(
         key_ok = _key_ok(mask_ptr, b, cols, S_k, stride_mb, HAS_MASK)
         kv_mask = (cols < S_k)[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
         visible = key_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None] + diag)
@@ -152,7 +153,7 @@ def _attn_fwd(
             p = tl.where(_dropout_keep(seed, bh, rows[:, None] * S_k + cols[None, :], dropout_p),
                          p, 0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, None, DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
 
     empty = l_i == 0.0  # no visible key: O = 0, L = LSE_EMPTY
@@ -252,21 +253,21 @@ def _attn_bwd_dkdv(
                      other=0.0)
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0) * _LOG2E
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        sT = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT) * qk_scale  # (BLOCK_N, BLOCK_M)
+        sT = _dot(k, tl.trans(q), None, DOT_PRECISION, UPCAST_DOT) * qk_scale  # (BLOCK_N, BLOCK_M)
         visible = key_ok[:, None] & row_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[:, None] <= rows[None, :] + diag)
         pT = tl.math.exp2(tl.where(visible, sT - lse2[None, :], float("-inf")))  # P^T
-        dpT = _dot(v, tl.trans(do), DOT_PRECISION, UPCAST_DOT)    # (dO V^T)^T = dPd^T
+        dpT = _dot(v, tl.trans(do), None, DOT_PRECISION, UPCAST_DOT)    # (dO V^T)^T = dPd^T
         if DROPOUT:
             keep = _dropout_keep(seed, bh, rows[None, :] * S_k + cols[:, None], dropout_p)
             pdT = tl.where(keep, pT * inv_keep, 0.0)
             dpT = tl.where(keep, dpT * inv_keep, 0.0)
         else:
             pdT = pT
-        dv += _dot(pdT.to(do.dtype), do, DOT_PRECISION, UPCAST_DOT)
+        dv = _dot(pdT.to(do.dtype), do, dv, DOT_PRECISION, UPCAST_DOT)
         dsT = pT * (dpT - delta[None, :])
-        dk += _dot(dsT.to(q.dtype), q, DOT_PRECISION, UPCAST_DOT)
+        dk = _dot(dsT.to(q.dtype), q, dk, DOT_PRECISION, UPCAST_DOT)
 
     out = b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :]
     tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
@@ -331,17 +332,17 @@ def _attn_bwd_dq(
         kv_mask = (cols < S_k)[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST_DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
         visible = key_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None] + diag)
         p = tl.math.exp2(tl.where(visible, s - lse2[:, None], float("-inf")))
-        dp = _dot(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)  # dPd
+        dp = _dot(do, tl.trans(v), None, DOT_PRECISION, UPCAST_DOT)  # dPd
         if DROPOUT:
             keep = _dropout_keep(seed, bh, rows[:, None] * S_k + cols[None, :], dropout_p)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST_DOT)
 
     out = b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :]
     tl.store(dq_ptr + out, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
