@@ -144,7 +144,9 @@ def test_targets_met_and_not_met():
 def tiny_study(tmp_path_factory, reference_backend):
     out = str(tmp_path_factory.mktemp("study") / "sst2")
     argv = TINY + ["--out", out]
+    threads = torch.get_num_threads()
     res = study.run_study(study.parse_args(argv), argv)
+    assert torch.get_num_threads() == threads  # --latency-threads 1 does not leak
     return out, argv, res
 
 

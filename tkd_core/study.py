@@ -908,7 +908,11 @@ def run_study(a, argv) -> dict:
     spec, train, dev, tokenizer = prepare(a)
     plan = make_plan(a)
     status = train_all(a, plan, tokenizer, train, dev, spec, tick=clock.tick)
-    runs = measure(a, plan, status, spec, train, dev, tokenizer)
+    threads = torch.get_num_threads()
+    try:
+        runs = measure(a, plan, status, spec, train, dev, tokenizer)
+    finally:
+        torch.set_num_threads(threads)
     groups = aggregate(runs)
     res = dict(task=spec.name, command=command_line(argv), n_train=len(train), n_dev=len(dev),
                hardware=hardware(a), config=study_config(a, plan, tokenizer), runs=runs,
@@ -946,8 +950,10 @@ def estimate(a, argv) -> dict:
     spec, train, dev, tokenizer = prepare(est)
     plan = make_plan(est)
     status = train_all(est, plan, tokenizer, train, dev, spec)
+    threads = torch.get_num_threads()
     teacher_fwd = _teacher_forward_cpu_s(est, train, tokenizer) if status.get("teacher") == "ok" \
         else 0.0
+    torch.set_num_threads(threads)
     full_plan = {j.name: j for j in make_plan(a)}
     rows, tasks = [], []
     for job in plan:
