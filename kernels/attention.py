@@ -689,7 +689,7 @@ def _spec(label, kernel, kind, D, dtype, flags):
 
 def aot_specs():
     """The configurations the dispatcher launches, at their heaviest variant (padding mask +
-    causal + dropout: the most registers; the other flag combinations compile to subsets of it):
+    causal + dropout: the most registers), plus BERT's own flag sets at D=64 fp16:
     forward and backward at D in {64, 128} x {fp16, bf16}, fp32 at D=128 (its largest tiles'
     register use), and the padded head dim D=40 (BLOCK_D=64, masked columns). Kept small: each
     compile takes seconds and tests/test_aot.py compiles every row for sm_80 and sm_90."""
@@ -702,6 +702,15 @@ def aot_specs():
         specs += [_spec(f"attention_fwd {name}", _attn_fwd, "fwd", D, dt, full),
                   _spec(f"attention_bwd_dkdv {name}", _attn_bwd_dkdv, "dkdv", D, dt, full),
                   _spec(f"attention_bwd_dq {name}", _attn_bwd_dq, "dq", D, dt, full)]
+    # BERT's own launches (padding mask, with dropout in training, without in inference) are
+    # compiled too rather than assumed to be subsets of the heaviest variant
+    for flags, tag in ((dict(HAS_MASK=True, CAUSAL=False, DROPOUT=False), "mask"),
+                       (dict(HAS_MASK=True, CAUSAL=False, DROPOUT=True), "mask+dropout")):
+        name = f"D=64 fp16 {tag}"
+        specs += [_spec(f"attention_fwd {name}", _attn_fwd, "fwd", 64, torch.float16, flags),
+                  _spec(f"attention_bwd_dkdv {name}", _attn_bwd_dkdv, "dkdv", 64, torch.float16,
+                        flags),
+                  _spec(f"attention_bwd_dq {name}", _attn_bwd_dq, "dq", 64, torch.float16, flags)]
     # a row reduction with no matmul: labelled "attn_..." (not "attention") because the
     # tensor-core check of tests/test_aot.py is about the matmul kernels
     specs.append(_spec("attn_bwd_preprocess rowsum(dO*O) D=128 float16", _attn_bwd_preprocess,
