@@ -6,7 +6,7 @@ weight layout), accumulated exactly in int32:
     C[m, n] = sum_k a[m, k] * b[n, k]                          (no scales: int32 (M, N))
     Y[m, n] = C[m, n] * a_scale[m] * b_scale[n] + bias[n]      (scales: float, fused epilogue)
 
-Exact for K <= 131072 (|C| <= K * 128^2 < 2^31). With scales the epilogue runs on the
+Exact for K <= 131071 (|C| <= K * 128^2 < 2^31). With scales the epilogue runs on the
 accumulators in registers: no int32 (M, N) tensor is written. A float64 matmul of the int8
 values is also exact (every partial sum is an integer below 2^53), which is how `int8_gemm_ref`
 reproduces the int64 result quickly.
@@ -20,8 +20,9 @@ CUDA tensors run the tensor-core kernel (mma.sync m16n8k32 s8, cp.async pipeline
 `tkd_core._C` was built with CUDA, else a clear error. The TRITON_INTERPRET rule of the other ops
 does not apply here: this op has no Triton kernel.
 
-Weights are packed once (`pack_weight`), activations per call (fused into the quantizer for
-`tkd_core.nn.Int8Linear`). Threads: `torch.get_num_threads()`.
+Weights are widened and packed once (`pack_weight`); activations are packed per call inside the
+kernel call, and for `tkd_core.nn.Int8Linear` quantized per token there too (one read of x,
+`quantized_linear_cpu`). Threads: `torch.get_num_threads()`.
 """
 from typing import Optional, Tuple
 
@@ -35,7 +36,7 @@ try:
 except ImportError as e:  # the package was installed without building the extension
     _C, _C_ERROR = None, e
 
-K_MAX = 131072  # int32 accumulation is exact up to here: K * 128 * 128 <= 2^31
+K_MAX = 131071  # int32 accumulation is exact up to here: K * 128 * 128 < 2^31
 _X_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CUDA_OUT_KIND = {torch.int32: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 
@@ -72,7 +73,7 @@ def _threads() -> int:
 # torch references
 
 def int8_gemm_ref(a, b, a_scale=None, b_scale=None, bias=None, out_dtype=None):
-    """Reference: exact int32 a @ b.T (via float64, exact for K <= 131072), or the scaled float
+    """Reference: exact int32 a @ b.T (via float64, exact for K <= K_MAX), or the scaled float
     result computed in float64 and cast to `out_dtype` (default float32)."""
     acc = a.double() @ b.double().T  # (M, N), exact integers
     if not _scaled(a_scale, b_scale, bias, out_dtype):
