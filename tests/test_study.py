@@ -219,3 +219,35 @@ def test_tiny_study_end_to_end_and_resume(tiny_study, reference_backend):
     inv = res2["invocations"]
     assert len(inv) == 2 and all(x["completed"] for x in inv)
     assert res2["total_wall_s"] == pytest.approx(inv[0]["wall_s"] + inv[1]["wall_s"])
+
+
+def test_report_survives_failed_jobs(tmp_path):
+    """A failed teacher (so no distilled students) and no INT8 path still give a report that
+    says so, with every target 'not measured' where its runs are missing."""
+    ok = dict(metrics={"accuracy": 0.8, "f1": 0.79}, params=10, size_fp32=100, size_int8=None,
+              latency_ms={1: 1.0, 32: 4.0}, throughput=8000.0, train_wall_s=3.0)
+    runs = [dict(name="teacher", group="teacher", label="Teacher", error="training failed"),
+            dict(name="tnlp_s0", group="tnlp", label="T-NLP", **ok),
+            dict(name="tfidf", group="tfidf", label="TF-IDF + LR", **ok),
+            dict(name="tkd_T1_s0_int8", group="int8", label="TKD-NLP INT8",
+                 note="INT8 path unavailable: no kernel")]
+    groups = study.aggregate(runs)
+    groups["int8"]["note"] = runs[-1]["note"]
+    a = study.parse_args(DATA + ["--out", str(tmp_path)])
+    cfg = dict(models={"teacher": dict(mode="teacher", arch="transformer", preset="p",
+                                       overrides=[], pre_ln=True, num_layers=12, hidden_size=128,
+                                       ffn_size=512, epochs=1.5, lr=5e-4, temperature="-",
+                                       seeds=[0])},
+               epochs=dict(teacher=1.5, student=2, baseline=2), temperatures=[1.0], seeds=[0],
+               alpha=0.5, batch_size=64, max_len=64, vocab_size=8000, latency_reps=3)
+    res = dict(task="sst2", command="python -m tkd_core.study", n_train=10, n_dev=5,
+               hardware=study.hardware(a), config=cfg, runs=runs, groups=groups,
+               failed=["teacher"], targets=study.targets(groups), wall_s=1.0, total_wall_s=2.0,
+               invocations=[{}, {}])
+    study.write_report(str(tmp_path / "report.md"), res)
+    text = (tmp_path / "report.md").read_text()
+    assert "| Teacher | 0 | failed: teacher |" in text
+    assert "| TKD-NLP INT8 | 0 | INT8 path unavailable: no kernel |" in text
+    assert "## Failed jobs" in text and "teacher/train.log" in text
+    assert [t["met"] for t in res["targets"]] == [None, None, None, None]
+    assert len(study.write_plots(str(tmp_path), groups)) == 2

@@ -452,6 +452,10 @@ def _pct(x, sd=None):
     return f"{100 * x:.2f}" + (f" ± {100 * sd:.2f}" if sd else "")
 
 
+def _num(x):
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 def _mb(b):
     return "n/a" if b is None else f"{b / 2**20:.2f}"
 
@@ -502,7 +506,7 @@ def write_report(path: str, res: dict) -> None:
           f"nothing else of the study running, median of {cfg['latency_reps']} forwards "
           f"(after 2 warm-ups) of random tokens, batch 1 and 32, sequence length {SEQ_LEN}, "
           "no padding. Throughput = 32 / (batch-32 latency). 1-minute load average when the "
-          f"latency runs started: {hw['load_average_at_latency']:.2f} (above ~0.5, other "
+          f"latency runs started: {_num(hw['load_average_at_latency'])} (above ~0.5, other "
           "processes shared the cores and the latencies are pessimistic).", ""]
     L += ["## Results (dev set)", "", results_table(g), "",
           "Accuracy and F1 are means over the seeds (std over seeds after ±); every other column "
