@@ -500,9 +500,10 @@ def write_report(path: str, res: dict) -> None:
           f"GPU: {hw['gpu'] or 'none'}",
           f"- torch {hw['torch']}, Python {hw['python']}; tkd ops backend on CPU: "
           f"`{hw['ops_backend']}`",
-          f"- training: " + (f"{hw['parallel_jobs']} job(s) at a time (subprocesses)"
-                             if hw["parallel_jobs"] else "one job at a time, in-process") +
-          f", {hw['train_threads_per_job']} thread(s) each; latency: `torch.set_num_threads({hw['latency_threads']})`, "
+          "- training: " + (f"{hw['parallel_jobs']} job(s) at a time (subprocesses)"
+                            if hw["parallel_jobs"] else "one job at a time, in-process") +
+          f", {hw['train_threads_per_job']} thread(s) each; latency: "
+          f"`torch.set_num_threads({hw['latency_threads']})`, "
           f"nothing else of the study running, median of {cfg['latency_reps']} forwards "
           f"(after 2 warm-ups) of random tokens, batch 1 and 32, sequence length {SEQ_LEN}, "
           "no padding. Throughput = 32 / (batch-32 latency). 1-minute load average when the "
@@ -959,7 +960,7 @@ def estimate(a, argv) -> dict:
         else 0.0
     torch.set_num_threads(threads)
     full_plan = {j.name: j for j in make_plan(a)}
-    rows, tasks = [], []
+    rows = []
     for job in plan:
         if job.mode == "tfidf":
             rows.append(dict(name=job.name, projected_s=30.0, note="scikit-learn: ~10 CPU s "
@@ -973,7 +974,8 @@ def estimate(a, argv) -> dict:
         epochs = full_plan[job.name].epochs
         fwd = teacher_fwd if job.needs_teacher else 0.0
         # the optimizer steps' share of the job (the rest: start-up, data, one evaluation)
-        frac = min(1.0, _step_seconds(os.path.join(est.out, job.name), a.batch_size) / attempts[-1]["wall_s"])
+        step_s = _step_seconds(os.path.join(est.out, job.name), a.batch_size)
+        frac = min(1.0, step_s / attempts[-1]["wall_s"])
         steps_cpu, other_cpu = cpu * frac, cpu * (1 - frac)
         per_epoch = max(steps_cpu - fwd, 0.0) * full / n  # this slice's epoch -> a full epoch
         proj = per_epoch * epochs + fwd * full / n + other_cpu * epochs
