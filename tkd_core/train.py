@@ -445,7 +445,7 @@ def train(args, tag=None):
     amp_dtype, use_scaler = precision_of(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     step, epoch, pos, skipped = 0, 0, 0, 0
-    best = None
+    last_eval = None
     if resume is not None:
         unwrap(model).load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
@@ -453,7 +453,7 @@ def train(args, tag=None):
         if resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         step, epoch, pos = resume["step"], resume["epoch"], resume["batch_in_epoch"]
-        skipped, best = resume.get("skipped_steps", 0), resume.get("metrics")
+        skipped, last_eval = resume.get("skipped_steps", 0), resume.get("metrics")
         rngs = resume["rng"]
         set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
     log = Logger(os.path.join(out, "log.jsonl"), main, append=resume is not None)
@@ -475,7 +475,7 @@ def train(args, tag=None):
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rngs, "step": step, "epoch": epoch,
                 "batch_in_epoch": pos, "skipped_steps": skipped, "config": cfg.to_dict(),
-                "task": spec.name, "tokenizer": tok.to_str(), "metrics": best,
+                "task": spec.name, "tokenizer": tok.to_str(), "metrics": last_eval,
                 "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))
                          or v is None}}
 
@@ -485,9 +485,9 @@ def train(args, tag=None):
             save_checkpoint(ck_path, s)
 
     def run_eval():
-        nonlocal best
+        nonlocal last_eval
         m = evaluate(model, dev_items, spec, args, device, rank, world, amp_dtype)
-        best = dict(m, step=step, epoch=epoch)
+        last_eval = dict(m, step=step, epoch=epoch)
         log(type="eval", step=step, epoch=epoch, **m)
         return m
 
@@ -595,7 +595,7 @@ def train(args, tag=None):
     summary = dict(name=name, mode=args.mode, task=spec.name, steps=step, total_steps=total,
                    finished=step >= total, epochs=epoch, world=world, skipped_steps=skipped,
                    params=param_count(raw), size_bytes=size_bytes(raw), config=cfg.to_dict(),
-                   metrics=best, train_seconds=elapsed,
+                   metrics=last_eval, train_seconds=elapsed,
                    tokens_per_s=tokens_seen / elapsed if elapsed else 0.0,
                    checkpoint=os.path.abspath(ck_path))
     if main:
@@ -729,6 +729,9 @@ def main(argv=None):
                   f"{s['train_seconds']:.1f} s, {s['tokens_per_s']:.0f} tokens/s, skipped "
                   f"{s['skipped_steps']} | " + " ".join(f"{k} {v:.4f}" for k, v in m.items()
                                                         if isinstance(v, float)))
+            if m:
+                print_table([report_row(f"{s['name']} ({s['config']['num_layers']}L)",
+                                        s["model"], m, s["dev_items"], s["spec"])])
         return 0
     except (TrainingDiverged, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
