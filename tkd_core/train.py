@@ -328,10 +328,11 @@ def evaluate(model, items, spec, args, device, rank, world, amp_dtype=None):
     if spec.labels is None:
         p = torch.cat(preds) if preds else torch.zeros(0)
         g = torch.cat(golds) if golds else torch.zeros(0)
-        if world > 1:
+        if world > 1:  # Spearman needs every prediction: gather them (as plain lists)
             parts = [None] * world
-            dist.all_gather_object(parts, (p, g))
-            p, g = torch.cat([x[0] for x in parts]), torch.cat([x[1] for x in parts])
+            dist.all_gather_object(parts, (p.tolist(), g.tolist()))
+            p = torch.tensor([v for x in parts for v in x[0]])
+            g = torch.tensor([v for x in parts for v in x[1]])
         m = gdata.regression_metrics(p, g)
     else:
         m = gdata.metrics_from_confusion(all_reduce(cm, world))
