@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import SST2_DIR
 from tkd_core import data, train
 from tkd_core.model import ModelConfig, build_model
 
@@ -236,3 +237,14 @@ def test_fp16_skipped_steps_are_counted(tmp_path, vocab, reference_backend, monk
     assert json.load(open(out / "summary.json"))["skipped_steps"] == 3
     ck = train.load_checkpoint(str(out / "checkpoint.pt"))
     assert ck["scaler"]["scale"] == 2.0 ** 97  # halved once per skipped step
+
+
+@pytest.mark.skipif(not os.path.isdir(SST2_DIR), reason=f"GLUE SST-2 not present at {SST2_DIR}")
+def test_real_sst2_trains(tmp_path, reference_backend):
+    out = tmp_path / "sst2"
+    assert train.main(["--mode", "student", "--task", "sst2", "--data-dir", SST2_DIR, "--preset",
+                       "tiny", "--max-train-examples", "256", "--max-dev-examples", "64",
+                       "--max-steps", "3", "--batch-size", "32", "--vocab-size", "1000",
+                       "--no-progress", "--threads", "1", "--out", str(out)]) == 0
+    s = json.load(open(out / "summary.json"))
+    assert s["task"] == "sst2" and 0 <= s["metrics"]["accuracy"] <= 1
