@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -44,6 +45,10 @@ from . import data as gdata
 from . import ops
 from .model import (ARCHS, PRESETS, ModelConfig, build_model, clean_state_dict, param_count,
                     quantize, size_bytes, unwrap)
+
+# the non-Transformer students (BiLSTM, RNN, LSTM, CNN) register in ARCHS on import
+if importlib.util.find_spec(f"{__package__}.baselines") is not None:
+    from . import baselines  # noqa: F401
 
 MODES = ("pipeline", "teacher", "student", "distill")
 DEFAULT_PRESET = {"teacher": "cpu-teacher", "student": "cpu-student-2",
