@@ -206,7 +206,11 @@ def test_tiny_study_end_to_end_and_resume(tiny_study, reference_backend):
     assert train.main(study.train_argv(job, a, tok) + ["--stop-at-step", "2"]) == 0
     assert study.run_state(run_dir) == "partial"
     teacher_ck = os.path.getmtime(os.path.join(out, "teacher", "checkpoint.pt"))
+    pub = os.path.join(out, "published")
+    a.publish = pub
     res2 = study.run_study(a, argv)
+    assert sorted(os.listdir(pub)) == ["accuracy_vs_latency.png", "accuracy_vs_size.png",
+                                       "report.md", "results.json"]
     assert res2["failed"] == []
     assert os.path.getmtime(os.path.join(out, "teacher", "checkpoint.pt")) == teacher_ck
     assert len(_attempts(out, "teacher")) == 1 and len(_attempts(out, "tkd_T2_s1")) == 1

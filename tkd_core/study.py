@@ -662,6 +662,8 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=200, help="checkpoint every N steps (resumability)")
     a("--max-train-examples", type=int, default=0, help="a slice (tests, --estimate)")
     a("--max-dev-examples", type=int, default=0)
+    a("--publish", default=None, metavar="DIR", help="also copy report.md, results.json and "
+      "the plots there (e.g. docs/results/sst2)")
     a("--estimate", type=int, default=0, metavar="N", help="time every job for one epoch on N "
       "training examples (in <out>/estimate) and project the full study's wall time")
     args = p.parse_args(argv)
@@ -936,6 +938,12 @@ def run_study(a, argv) -> dict:
     res["plots"] = write_plots(a.out, groups)
     print(f"[study] wrote {a.out}/report.md, results.json and plots in "
           f"{res['wall_s'] / 60:.1f} min", flush=True)
+    if a.publish:
+        import shutil
+        os.makedirs(a.publish, exist_ok=True)
+        for name in ("report.md", "results.json", *map(os.path.basename, res["plots"])):
+            shutil.copy2(os.path.join(a.out, name), os.path.join(a.publish, name))
+        print(f"[study] copied them to {a.publish}", flush=True)
     return res
 
 
