@@ -119,26 +119,34 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one(tmp_path, vocab, reference_backend):
-    """torchrun, 2 gloo processes, local batch 8, vs one process, batch 16: same global batches,
-    losses within 1e-5 (dropout off; uneven last batch and accumulation included)."""
+@pytest.mark.parametrize("task", ["synthetic", "stsb"])
+def test_ddp_two_processes_match_one(tmp_path, vocab, reference_backend, task):
+    """torchrun, 2 gloo processes, half the batch each, vs one process with the whole global
+    batch: same global batches, losses and metrics within 1e-5 (dropout off; accumulation and an
+    uneven last batch included). STS-B: regression, the sharded predictions are gathered."""
     args = ["--mode", "teacher", "--max-steps", "4", "--accum", "2", "--set", "hidden_dropout=0",
             "--set", "attention_dropout=0"]
+    if task == "stsb":  # 6 train / 4 dev fixture rows, global batch 2
+        args += ["--task", "stsb", "--data-dir", os.path.join(FIXTURES, "STS-B"),
+                 "--batch-size", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert train.main(args + tiny_args(vocab, one, n_train=112)) == 0
+    assert train.main(tiny_args(vocab, one, n_train=112) + args) == 0
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "tkd_core.train"] + args + tiny_args(vocab, two, n_train=112)
+           "-m", "tkd_core.train"] + tiny_args(vocab, two, n_train=112) + args
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    l1 = [x for x in read_log(one)]
-    l2 = [x for x in read_log(two)]
+    l1, l2 = read_log(one), read_log(two)
     assert [x["type"] for x in l1] == [x["type"] for x in l2]
+    assert sum(x["type"] == "eval" for x in l1) >= 1
+    # correlations of a 4-step model's nearly constant predictions amplify float noise (the
+    # eval batches pad differently per shard): looser tolerance for them only
+    tol = {"loss": 1e-5, "accuracy": 1e-5, "pearson": 1e-3, "spearman": 1e-3}
     for x, y in zip(l1, l2):
-        assert abs(x["loss"] - y["loss"]) <= 1e-5, (x, y)
-        if x["type"] == "eval":
-            assert x["accuracy"] == y["accuracy"]
+        for k, t in tol.items():
+            if k in x:
+                assert abs(x[k] - y[k]) <= t, (k, x, y)
     assert json.load(open(two / "summary.json"))["world"] == 2
 
 
