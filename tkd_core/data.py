@@ -221,10 +221,21 @@ def train_tokenizer(corpus, vocab_size: int = 8000):
     tok = _normalization(Tokenizer(models.WordPiece(unk_token=UNK)))
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                         min_frequency=1, show_progress=False)
+    corpus = list(corpus)
     tok.train_from_iterator(corpus, trainer)
-    # the trainer's ids follow a hash-map order that changes between processes: renumber
-    # canonically (special tokens first, then sorted) so a seed gives the same ids everywhere
-    rest = sorted(t for t in tok.get_vocab() if t not in SPECIAL_TOKENS)
+    vocab = tok.get_vocab()
+    if len(vocab) < vocab_size:
+        # Merges ran out: every word of the corpus is a whole token. The intermediate pieces
+        # the trainer kept on the way depend on how it broke count ties (a hash-map order that
+        # changes between processes); keeping only the alphabet and the whole words makes the
+        # vocabulary a function of the corpus alone.
+        words = {w for text in corpus
+                 for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))}
+        vocab = {t: i for t, i in vocab.items()
+                 if t in words or len(t) == 1 or (t.startswith("##") and len(t) == 3)}
+    # ids follow that hash-map order too: renumber canonically (special tokens first, then
+    # sorted) so the same corpus gives the same ids in every process
+    rest = sorted(t for t in vocab if t not in SPECIAL_TOKENS)
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + rest)}
     tok = _normalization(Tokenizer(models.WordPiece(vocab, unk_token=UNK)))
     return _bert_template(tok)
