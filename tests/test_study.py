@@ -160,6 +160,7 @@ def test_tiny_study_end_to_end_and_resume(tiny_study, reference_backend):
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     assert saved["failed"] == [] and saved["n_dev"] == 96
+    assert saved["hardware"]["ops_backend"] == "reference"  # timed on the fast CPU path
     groups = saved["groups"]
     assert sorted(g["label"] for g in groups.values()) == sorted(LABELS)
     for name, g in groups.items():
