@@ -29,6 +29,15 @@ def reference_backend(monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread avoids OpenMP oversubscription on a 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def interpreter_backend(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     yield

@@ -11,13 +11,7 @@ ARCH_NAMES = ("bilstm", "rnn", "lstm", "cnn")
 V = 50
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP contention with tests running beside us."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(arch, **over):

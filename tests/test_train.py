@@ -27,12 +27,7 @@ def vocab(tmp_path_factory):
     return data.save_tokenizer(tok, str(d))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_args(vocab, out, *extra, n_train=96):
@@ -256,3 +251,13 @@ def test_real_sst2_trains(tmp_path, reference_backend):
                        "--no-progress", "--threads", "1", "--out", str(out)]) == 0
     s = json.load(open(out / "summary.json"))
     assert s["task"] == "sst2" and 0 <= s["metrics"]["accuracy"] <= 1
+
+
+def test_preset_chooses_the_architecture(tmp_path, vocab, reference_backend):
+    """`--preset tiny-bilstm` alone builds a BiLSTM (the preset's arch); `--arch` overrides it."""
+    for extra, want in ((["--preset", "tiny-bilstm"], "bilstm"),
+                        (["--preset", "tiny-bilstm", "--arch", "cnn"], "cnn")):
+        out = tmp_path / want
+        assert train.main(["--mode", "student", "--max-steps", "1"] + tiny_args(vocab, out)
+                          + extra) == 0
+        assert train.load_checkpoint(str(out / "checkpoint.pt"))["config"]["arch"] == want

@@ -74,7 +74,8 @@ def parse_args(argv=None):
       "the training split; saved with the run)")
     a("--vocab-size", type=int, default=8000)
     a("--max-len", type=int, default=64, help="tokens per example (truncation)")
-    a("--arch", default="transformer", choices=sorted(ARCHS))
+    a("--arch", default=None, choices=sorted(ARCHS),
+      help="model architecture (default: the preset's, e.g. bilstm for cpu-bilstm)")
     a("--preset", default=None, help=f"model preset {sorted(PRESETS)} (default: "
       f"{DEFAULT_PRESET})")
     a("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -427,7 +428,9 @@ def train(args, tag=None):
         cfg = ModelConfig.from_dict(resume["config"])
     else:
         over = dict(_parse_override(kv) for kv in args.set)
-        cfg = ModelConfig.preset(args.preset or DEFAULT_PRESET[args.mode], arch=args.arch,
+        if args.arch is not None:  # an explicit --arch wins over the preset's
+            over.setdefault("arch", args.arch)
+        cfg = ModelConfig.preset(args.preset or DEFAULT_PRESET[args.mode],
                                  vocab_size=tok.get_vocab_size(), num_labels=spec.num_labels,
                                  **over)
     if teacher is not None and teacher.config.num_labels != cfg.num_labels:
