@@ -163,6 +163,15 @@ def load_split(task: str, split: str, data_dir: Optional[str] = None) -> List[Ex
     return load_hf(spec, split)
 
 
+def load_task(task: str, data_dir: Optional[str] = None, max_train: Optional[int] = None,
+              max_dev: Optional[int] = None):
+    """(spec, train examples, dev examples), each split cut to its first max_* examples."""
+    spec = get_task(task)
+    train = load_split(spec.name, "train", data_dir)
+    dev = load_split(spec.name, "dev", data_dir)
+    return spec, train[:max_train or None], dev[:max_dev or None]
+
+
 def load_hf(spec: TaskSpec, split: str) -> List[Example]:
     """Through `datasets` (its cache, or the hub when reachable); labels mapped to ours."""
     try:

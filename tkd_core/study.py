@@ -688,13 +688,8 @@ def parse_args(argv=None):
 
 def prepare(a):
     """(spec, train examples, dev examples, tokenizer path): the shared WordPiece, made once."""
-    spec = gdata.get_task(a.task)
-    train = gdata.load_split(spec.name, "train", a.data_dir)
-    dev = gdata.load_split(spec.name, "dev", a.data_dir)
-    if a.max_train_examples:
-        train = train[:a.max_train_examples]
-    if a.max_dev_examples:
-        dev = dev[:a.max_dev_examples]
+    spec, train, dev = gdata.load_task(a.task, a.data_dir, a.max_train_examples,
+                                       a.max_dev_examples)
     tok_dir = os.path.join(a.out, "tokenizer")
     path = os.path.join(tok_dir, "tokenizer.json")
     if not os.path.isfile(path):

@@ -178,13 +178,8 @@ def cpu_threads(requested):
 def load_data(args, tokenizer_json=None):
     """(spec, tokenizer, train items, dev items); items are (ids, type_ids, label)."""
     from tokenizers import Tokenizer
-    spec = gdata.get_task(args.task)
-    train = gdata.load_split(spec.name, "train", args.data_dir)
-    dev = gdata.load_split(spec.name, "dev", args.data_dir)
-    if args.max_train_examples:
-        train = train[:args.max_train_examples]
-    if args.max_dev_examples:
-        dev = dev[:args.max_dev_examples]
+    spec, train, dev = gdata.load_task(args.task, args.data_dir, args.max_train_examples,
+                                       args.max_dev_examples)
     if tokenizer_json is not None:  # the teacher's (distill) or a resumed run's
         tok = Tokenizer.from_str(tokenizer_json)
     elif args.vocab:
