@@ -27,9 +27,14 @@
 // Blocking and threads: with enough rows, each thread takes whole row blocks (mc rows, ~160 KiB of
 // packed A, L2-resident), packs or quantizes them itself into a private buffer (no barrier, no
 // (M, K) int16 copy of A) and runs them against every 16-column B panel (Kp * 32 bytes, L1/L2),
-// which is reused by mc / 6 micro-kernels. With few rows (M < threads * mc) A is prepared once
-// and the B panels are split over threads. The whole K is reduced in registers, so the epilogue
-// runs on registers: no int32 (M, N) tensor is written when a float output is asked for.
+// which is reused by mc / 6 micro-kernels. With few rows (M < threads * mc), or on one thread
+// while all of packed A is <= 8 MiB, A is prepared once and the B panels are split over threads
+// (each panel then sweeps all of A). The whole K is reduced in registers, so the epilogue runs on
+// registers: no int32 (M, N) tensor is written when a float output is asked for.
+// No kc (K) blocking: the micro-kernel is issue-bound, not load-bound. On 1 thread at M = 4096,
+// K = 256 (both panels in L1) runs at 125-130 GOP/s, the whole-K loop at K = 3072 (B panel 96 KiB
+// from L2) at 134-141; a kc = 256 / 512 split keeping the 6 x 16 int32 tile in a stack buffer
+// across kc blocks measured from equal to 4% slower than whole K.
 //
 // ISA: the AVX2 functions carry __attribute__((target("avx2,fma,f16c"))) and are chosen at run
 // time with __builtin_cpu_supports("avx2"); the scalar path is portable C++ (aarch64 included).
@@ -432,7 +437,11 @@ static void gemm(const ASource& src, const int16_t* Bp, int64_t M, int64_t N, in
   const int64_t Kp = even(K), T = clamp_threads(nthreads);
   const Epilogue ep{out, ldc, a_scale != nullptr, a_scale, b_scale, bias};
   const int64_t mc = block_rows(Kp);
-  if (T > 1 && M >= T * mc) {
+  // One thread: row blocks only once all of packed A (swept again for every B panel by the
+  // few-rows path) is past 8 MiB, a measured threshold. Zen 3, 1 thread: M = 4096, K = 3072
+  // (24 MiB) ran 1.12-1.25x faster with row blocks; M = 4096, K = 768 (6 MiB) 0.95-1.03x.
+  const bool big_a = M * Kp * 2 > (int64_t{8} << 20);
+  if (M >= T * mc && (T > 1 || big_a)) {
     // Row split, one parallel region and no barrier: each thread prepares (widens or
     // quantizes) its own row blocks into an L2-resident buffer and runs them against all of B.
     const int64_t blocks = (M + mc - 1) / mc;

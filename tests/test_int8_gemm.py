@@ -223,11 +223,14 @@ def test_int8_linear_module_behaviour():
         assert nb(x).shape == (2, 5, 24)
 
 
-def test_same_result_at_1_and_2_threads(threads):
-    a, b = rand_i8(131, 1000), rand_i8(515, 1000)
-    sa, sb, bias = torch.rand(131), torch.rand(515), torch.randn(515)
-    lin = Int8Linear.from_float(torch.nn.Linear(1000, 515))
-    x = torch.randn(131, 1000)
+# (2105, 2000, 37): packed A > 8 MiB, so 1 thread takes the row-block path too (a 5-row last panel)
+@pytest.mark.parametrize("M,K,N", [(131, 1000, 515), (2105, 2000, 37)])
+def test_same_result_at_1_and_2_threads(threads, M, K, N):
+    a, b = rand_i8(M, K), rand_i8(N, K)
+    sa, sb, bias = torch.rand(M), torch.rand(N), torch.randn(N)
+    lin = Int8Linear.from_float(torch.nn.Linear(K, N))
+    x = torch.randn(M, K)
+    assert torch.equal(tkd_core.ops.int8_gemm(a, b).long(), exact(a, b))
     outs = []
     for n in (1, 2):
         torch.set_num_threads(n)
