@@ -677,26 +677,18 @@ def pipeline(args):
         with open(os.path.join("runs", ".gitignore"), "w") as f:
             f.write("*\n")  # run outputs never land in git
     t0 = time.perf_counter()
-    ex = dict(vars(args))
-    def resume(stage):  # --resume: each stage continues from its own checkpoint, if any
-        ck = os.path.join(root, stage, CHECKPOINT)
-        return "auto" if args.resume and os.path.exists(ck) else None
-    t_args = argparse.Namespace(**dict(ex, **PIPELINE["teacher"], mode="teacher",
-                                       preset=args.teacher_preset, resume=resume("teacher"),
-                                       out=os.path.join(root, "teacher")))
-    if args.teacher_epochs:
-        t_args.epochs = args.teacher_epochs
-    if args.lr:
-        t_args.lr = args.lr
-    t = train(t_args, tag="teacher")
-    s_args = argparse.Namespace(**dict(ex, **PIPELINE["student"], mode="distill",
-                                       preset=args.student_preset, teacher=t["checkpoint"],
-                                       resume=resume("student"),
-                                       out=os.path.join(root, "student")))
-    if args.student_epochs:
-        s_args.epochs = args.student_epochs
-    if args.lr:
-        s_args.lr = args.lr
+    def stage(name, mode, preset, epochs, **extra):  # one stage's args: schedule + overrides
+        ck = os.path.join(root, name, CHECKPOINT)
+        resume = "auto" if args.resume and os.path.exists(ck) else None  # per-stage --resume
+        a = argparse.Namespace(**dict(vars(args), **PIPELINE[name], mode=mode, preset=preset,
+                                      out=os.path.join(root, name), resume=resume, **extra))
+        a.epochs = epochs or a.epochs
+        a.lr = args.lr or a.lr
+        return a
+
+    t = train(stage("teacher", "teacher", args.teacher_preset, args.teacher_epochs), tag="teacher")
+    s_args = stage("student", "distill", args.student_preset, args.student_epochs,
+                   teacher=t["checkpoint"])
     s = train(s_args, tag="student-kd")
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
