@@ -13,8 +13,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import statistics
-import time
 from typing import Callable, Optional
 
 import torch
@@ -67,14 +65,8 @@ def time_ms(fn, inputs, device, reps=20, warmup=3):
     if device.type == "cuda":
         import triton.testing
         return triton.testing.do_bench(lambda: fn(*inputs), warmup=25, rep=100)
-    for _ in range(warmup):
-        fn(*inputs)
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn(*inputs)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    from tkd_core.model import median_ms
+    return median_ms(lambda: fn(*inputs), reps, warmup)
 
 
 def device_name(device):

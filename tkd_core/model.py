@@ -14,6 +14,8 @@ Pre-LN: a residual stream h and the pending sublayer output d travel together, a
 does the add:  (n, h) = LN(d, residual=h);  d = Drop(Sublayer(n)); the final LN closes the stream.
 """
 import dataclasses
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +198,18 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.arch not in ARCHS:
         raise ValueError(f"unknown arch {cfg.arch!r}; valid: {sorted(ARCHS)}")
     return ARCHS[cfg.arch](cfg)
+
+
+def median_ms(fn, reps: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in ms over `reps` runs, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
 
 
 def param_count(model: nn.Module) -> int:

@@ -41,7 +41,7 @@ from typing import Callable, List, Optional
 import torch
 
 from . import data as gdata
-from .model import ModelConfig, build_model, param_count, quantize
+from .model import ModelConfig, build_model, median_ms, param_count, quantize
 
 SEQ_LEN = 64            # latency inputs: (B, SEQ_LEN) tokens, no padding
 LATENCY_BATCHES = (1, 32)
@@ -252,17 +252,6 @@ def size_on_disk(obj) -> int:
     else:
         pickle.dump(obj, buf, protocol=pickle.HIGHEST_PROTOCOL)
     return buf.tell()
-
-
-def median_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 @torch.inference_mode()

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import random
-import statistics
 import sys
 import time
 
@@ -43,8 +42,8 @@ import torch.nn.functional as F
 
 from . import data as gdata
 from . import ops
-from .model import (ARCHS, PRESETS, ModelConfig, build_model, clean_state_dict, param_count,
-                    quantize, size_bytes, unwrap)
+from .model import (ARCHS, PRESETS, ModelConfig, build_model, clean_state_dict, median_ms,
+                    param_count, quantize, size_bytes, unwrap)
 
 # the non-Transformer students (BiLSTM, RNN, LSTM, CNN) register in ARCHS on import
 if importlib.util.find_spec(f"{__package__}.baselines") is not None:
@@ -636,14 +635,7 @@ def cpu_latency_ms(model, items, reps=30):
     model = copy.deepcopy(model).cpu().eval()
     b = gdata.collate(items[:1])
     args = (b["input_ids"], b["attention_mask"], b["token_type_ids"])
-    for _ in range(3):
-        model(*args)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model(*args)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return median_ms(lambda: model(*args), reps, warmup=3)
 
 
 def report_row(name, model, metrics, items, spec, params=None):
