@@ -261,3 +261,80 @@ def test_preset_chooses_the_architecture(tmp_path, vocab, reference_backend):
         assert train.main(["--mode", "student", "--max-steps", "1"] + tiny_args(vocab, out)
                           + extra) == 0
         assert train.load_checkpoint(str(out / "checkpoint.pt"))["config"]["arch"] == want
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_group_by_length_batches(world):
+    """--group-by-length: each example exactly once per epoch (world 1), the ranks' shares of
+    step k together form the one-process global batch k, far less padding than random batches,
+    seeded (same seed -> same batches; next epoch -> another order)."""
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, 80, (4099,), generator=g).tolist()
+    args = type("A", (), dict(seed=3, batch_size=12, group_by_length=True))()
+    one = train.epoch_batches(lengths, 0, args, 0, 1)
+    assert sorted(i for b in one for i in b) == list(range(len(lengths)))
+    assert all(len(b) == 12 for b in one[:-1]) or sum(len(b) < 12 for b in one) == 1
+    ranks = [train.epoch_batches(lengths, 0, args, r, world) for r in range(world)]
+    assert all(len(r) == len(one) for r in ranks)
+    for k, b in enumerate(one):
+        parts = [ranks[r][k] for r in range(world)]
+        assert len({len(p) for p in parts}) == 1  # equal local batches
+        assert set(i for p in parts for i in p) == set(b)
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches) / sum(lengths)
+
+    args.group_by_length = False
+    rand = train.epoch_batches(lengths, 0, args, 0, 1)
+    args.group_by_length = True
+    assert padded(one) < 1.2 < 1.5 < padded(rand)
+    assert train.epoch_batches(lengths, 0, args, 0, 1) == one
+    assert train.epoch_batches(lengths, 1, args, 0, 1) != one
+
+
+def test_resume_with_group_by_length_is_exact(tmp_path, vocab, reference_backend):
+    common = ["--mode", "teacher", "--max-steps", "8", "--group-by-length"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train.main(common + tiny_args(vocab, a)) == 0
+    assert train.main(common + ["--stop-at-step", "3"] + tiny_args(vocab, b)) == 0
+    assert train.main(common + ["--resume"] + tiny_args(vocab, b)) == 0
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_teacher_logits_file_is_shared_and_checked(tmp_path, vocab, reference_backend):
+    """--teacher-logits: the teacher writes its train-set logits once; a distill run reading
+    them trains like one computing them itself; a file from another teacher is recomputed."""
+    t, t2 = tmp_path / "teacher", tmp_path / "teacher2"
+    cache = tmp_path / "logits.pt"
+    assert train.main(["--mode", "teacher", "--max-steps", "3", "--teacher-logits", str(cache)]
+                      + tiny_args(vocab, t)) == 0
+    ck = torch.load(cache, weights_only=True)
+    teacher, _ = train.load_teacher(str(t / "checkpoint.pt"), data.get_task("synthetic"),
+                                    torch.device("cpu"))
+    items = data.encode(data.load_tokenizer(vocab),
+                        data.load_split("synthetic", "train")[:96], 32)
+    b = data.collate(items[:5])
+    with torch.no_grad():
+        want = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    assert ck["logits"].shape == (96, 2)
+    torch.testing.assert_close(ck["logits"][:5], want, rtol=1e-5, atol=1e-6)
+
+    common = ["--mode", "distill", "--teacher", str(t / "checkpoint.pt"), "--max-steps", "4",
+              "--set", "hidden_dropout=0", "--set", "attention_dropout=0"]
+    a, c = tmp_path / "a", tmp_path / "c"
+    mtime = os.path.getmtime(cache)
+    assert train.main(common + tiny_args(vocab, a)) == 0
+    assert train.main(common + ["--teacher-logits", str(cache)] + tiny_args(vocab, c)) == 0
+    assert os.path.getmtime(cache) == mtime  # read, not rewritten
+    la = [r["kd_loss"] for r in read_log(a) if r["type"] == "step"]
+    lc = [r["kd_loss"] for r in read_log(c) if r["type"] == "step"]
+    assert la == pytest.approx(lc, rel=1e-5)
+
+    # another teacher: the stale file is detected and replaced by this teacher's logits
+    assert train.main(["--mode", "teacher", "--max-steps", "2", "--seed", "5"]
+                      + tiny_args(vocab, t2)) == 0
+    assert train.main(["--mode", "distill", "--teacher", str(t2 / "checkpoint.pt"),
+                       "--max-steps", "1", "--teacher-logits", str(cache)]
+                      + tiny_args(vocab, tmp_path / "d")) == 0
+    assert not torch.equal(torch.load(cache, weights_only=True)["logits"], ck["logits"])
