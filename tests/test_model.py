@@ -66,10 +66,13 @@ def test_forward_backward_shapes(pre_ln, num_labels):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("pooling,positions", [("cls", "learned"), ("mean", "sinusoidal")])
 @pytest.mark.parametrize("pre_ln", [False, True])
-def test_padding_mask_reaches_attention(pre_ln):
-    """Appending padding (with garbage token ids) must not change a sequence's logits."""
-    model = M.build_model(tiny(pre_ln=pre_ln, initializer_range=0.5)).eval()
+def test_padding_mask_reaches_attention(pre_ln, pooling, positions):
+    """Appending padding (with garbage token ids) must not change a sequence's logits (mean
+    pooling: the padded positions are out of the mean too)."""
+    model = M.build_model(tiny(pre_ln=pre_ln, initializer_range=0.5, pooling=pooling,
+                               positions=positions)).eval()
     ids, mask, types = batch(B=2, S=6, pad_from=(6, 4))
     ref = model(ids, mask, types)
     ids2 = torch.cat([ids, torch.randint(5, 50, (2, 5))], 1)  # (B, 11): garbage after the end
@@ -107,6 +110,37 @@ def test_runs_on_our_ops(monkeypatch, pre_ln):
     assert calls["layer_norm"] == 1 + 2 * L + pre_ln
     # post-LN: every LN fuses a residual add; pre-LN: all but layer 0's first LN
     assert calls["layer_norm_residual"] == (1 + 2 * L if not pre_ln else 2 * L + 1)
+
+
+def test_mean_pooling_is_the_masked_mean():
+    model = M.build_model(tiny(pooling="mean")).eval()
+    ids, mask, types = batch(B=3, S=9, pad_from=(9, 5, 1))
+    seen = {}
+    model.pooler.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
+    model(ids, mask, types)
+    for b, n in enumerate((9, 5, 1)):
+        h = model.embeddings(ids[b:b + 1, :n], types[b:b + 1, :n])
+        for layer in model.layers:
+            h = layer(h, None, None)[0]
+        torch.testing.assert_close(seen["x"][b], h[0].mean(0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        M.ModelConfig(pooling="max")
+
+
+def test_sinusoidal_positions():
+    """Fixed sin/cos table at the learned tables' init scale; no parameters; order matters."""
+    cfg = tiny(positions="sinusoidal")
+    model = M.build_model(cfg).eval()
+    t = model.embeddings.sinusoid.double() / (cfg.initializer_range * 2 ** 0.5)
+    p, i = 5, 3  # position 5, pair i: sin / cos of 5 / 10000^(2i / hidden)
+    w = 5 / 10000 ** (2 * i / cfg.hidden_size)
+    torch.testing.assert_close(t[p, 2 * i], torch.tensor(w).sin().double())
+    torch.testing.assert_close(t[p, 2 * i + 1], torch.tensor(w).cos().double())
+    assert "embeddings.sinusoid" not in model.state_dict()
+    ids = torch.randint(5, 50, (1, 6))
+    assert not torch.allclose(model(ids), model(ids.flip(1)))
+    with pytest.raises(ValueError, match="positions"):
+        M.ModelConfig(positions="rotary")
 
 
 def test_sequence_longer_than_positions_fails_clearly():

@@ -18,7 +18,7 @@ TINY = DATA + ["--jobs", "0", "--max-train-examples", "192", "--max-dev-examples
                "--student-preset", "tiny", "--baseline-prefix",
                "tiny", "--vocab-size", "1000", "--teacher-epochs", "1", "--student-epochs", "1",
                "--baseline-epochs", "1", "--temperatures", "1", "2", "--latency-reps", "2",
-               "--latency-threads", "1", "--threads", "1"]
+               "--latency-threads", "1", "--threads", "1", "--seeds", "0", "1"]
 LABELS = ["Teacher", "TKD-NLP", "TKD-NLP (T=2)", "T-NLP", "KD-NLP (BiLSTM)", "RNN", "LSTM",
           "CNN (Kim 2014)", "TF-IDF + LR", "TKD-NLP INT8"]
 
@@ -30,14 +30,14 @@ def test_default_plan_is_the_issues_study():
     for j in plan:
         by_group.setdefault(j.group, []).append(j)
     assert {g: len(js) for g, js in by_group.items()} == {
-        "teacher": 1, "tfidf": 1, "tnlp": 2, "rnn": 1, "lstm": 1, "cnn": 1, "tkd": 2,
-        "tkd-T2": 2, "tkd-T4": 2, "kd-bilstm": 2}
+        "teacher": 1, "tfidf": 1, "tnlp": 3, "rnn": 1, "lstm": 1, "cnn": 1, "tkd": 3,
+        "tkd-T2": 3, "tkd-T4": 3, "kd-bilstm": 3}
     assert plan[0].name == "teacher"
     assert {j.arch for j in by_group["kd-bilstm"]} == {"bilstm"}
     assert all(j.needs_teacher for j in by_group["tkd"] + by_group["kd-bilstm"])
     assert not any(j.needs_teacher for j in by_group["tnlp"] + by_group["rnn"])
     assert [j.temperature for g in ("tkd", "tkd-T2", "tkd-T4") for j in by_group[g]] == \
-        [1, 1, 2, 2, 4, 4]
+        [1, 1, 1, 2, 2, 2, 4, 4, 4]
     # the teacher has >= 5x the student's parameters at the study's vocabulary
     t = build_model(study.job_config(plan[0], 8000))
     s = build_model(study.job_config(by_group["tkd"][0], 8000))
@@ -62,7 +62,7 @@ def test_every_job_is_a_valid_trainer_command_line():
 
 @pytest.mark.parametrize("argv, match", [
     (["--task", "mrpc"], "single-sentence"),
-    (["--baseline-seeds", "3"], "baseline-seeds"),
+    (["--baseline-seeds", "4"], "baseline-seeds"),
     (["--temperatures", "2", "4"], "temperatures"),
     (["--jobs", "-1"], "jobs"),
     (["--latency-reps", "0"], "latency-reps"),

@@ -40,6 +40,9 @@ class ModelConfig:
     pre_ln: bool = False               # False: post-LN (BERT); True: pre-LN
     num_labels: int = 2                # classes; 1 = regression (STS-B)
     initializer_range: float = 0.02    # std of the normal init (BERT)
+    pooling: str = "cls"               # cls: BERT's [CLS] token; mean: masked mean of the tokens
+    positions: str = "learned"         # learned (BERT) or sinusoidal (fixed; every position is
+                                       # defined even where training data is short)
 
     @property
     def regression(self) -> bool:
@@ -51,6 +54,11 @@ class ModelConfig:
                              f"({self.num_heads})")
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1 (1 = regression), got {self.num_labels}")
+        if self.positions not in ("learned", "sinusoidal"):
+            raise ValueError(f"positions must be 'learned' or 'sinusoidal', got "
+                             f"{self.positions!r}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -91,7 +99,18 @@ class Embeddings(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=0)
-        self.position = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        if cfg.positions == "learned":
+            self.position = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        else:  # fixed sin/cos (Vaswani et al.), at the init scale of the learned tables
+            pos = torch.arange(cfg.max_positions, dtype=torch.float64)[:, None]
+            freq = 10000.0 ** (-torch.arange(0, cfg.hidden_size, 2, dtype=torch.float64)
+                               / cfg.hidden_size)
+            table = torch.zeros(cfg.max_positions, cfg.hidden_size, dtype=torch.float64)
+            table[:, 0::2] = torch.sin(pos * freq)
+            table[:, 1::2] = torch.cos(pos * freq)[:, :cfg.hidden_size // 2]
+            self.register_buffer("sinusoid", (table * cfg.initializer_range * 2 ** 0.5).float(),
+                                 persistent=False)
+            self.position = None
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.ln = tnn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.hidden_dropout)
@@ -104,7 +123,8 @@ class Embeddings(nn.Module):
         pos = torch.arange(S, device=input_ids.device)
         # word + token type, then the position add fused into the LayerNorm
         x, _ = self.ln(self.word(input_ids) + self.token_type(token_type_ids),
-                       residual=self.position(pos).expand(input_ids.shape[0], S, -1))
+                       residual=(self.position(pos) if self.position is not None
+                                 else self.sinusoid[:S]).expand(input_ids.shape[0], S, -1))
         return self.drop(x)  # (B, S, hidden)
 
 
@@ -185,7 +205,12 @@ class TransformerClassifier(nn.Module):
             x, pending = layer(x, mask, pending)
         if self.final_ln is not None:
             x = self.final_ln(pending, residual=x)[0] if pending is not None else self.final_ln(x)
-        pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, hidden): the [CLS] token
+        if self.config.pooling == "mean":  # (B, hidden): mean over the real tokens
+            w = mask.unsqueeze(-1).to(x.dtype) if mask is not None else None
+            x0 = (x * w).sum(1) / w.sum(1).clamp(min=1) if w is not None else x.mean(1)
+        else:
+            x0 = x[:, 0]  # the [CLS] token
+        pooled = torch.tanh(self.pooler(x0))
         return self.classifier(self.drop(pooled))  # (B, num_labels)
 
 

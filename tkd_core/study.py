@@ -52,8 +52,11 @@ PUBLISHED = [  # SST-2 dev accuracy (%), pretrained models
 ]
 # The study's teacher: cpu-teacher (12 layers, pre-LN: post-LN 12-layer models stay at chance
 # for the few epochs a CPU run affords) widened to 128, so that the 2-layer width-64 student
-# (cpu-student-2) has >= 5x fewer parameters with the 8000-word vocabulary (3.44M vs 0.62M).
-TEACHER_SET = ("hidden_size=128", "ffn_size=512")
+# (cpu-student-2) has >= 5x fewer parameters with the 8000-word vocabulary (3.44M vs 0.62M);
+# mean pooling and hidden dropout 0.3, the best of the short SST-2 teacher runs we tried (see
+# the report). Trained from scratch it peaks after about one pass over SST-2's 67k phrases and
+# overfits after: 1 epoch. The students peak by epoch 2-3 of the paper's 10: 3 epochs.
+TEACHER_SET = ("hidden_size=128", "ffn_size=512", "pooling=mean", "hidden_dropout=0.3")
 PAPER_CLAIM = 98.32     # the TKD-NLP paper's reported accuracy
 TFIDF_PUBLISHED = 82.0  # TF-IDF + logistic regression, SST-2 dev, as the issue states
 
@@ -641,12 +644,11 @@ def parse_args(argv=None):
     a("--student-set", nargs="*", default=[], metavar="KEY=VALUE",
       help="ModelConfig overrides of the Transformer students")
     a("--baseline-prefix", default="cpu", help="presets <prefix>-{bilstm,rnn,lstm,cnn}")
-    a("--teacher-epochs", type=float, default=6, help="the paper's 10 would be ~48 min alone")
-    a("--student-epochs", type=float, default=10, help="TKD-NLP, T-NLP, KD-BiLSTM (the "
-      "paper's 10)")
-    a("--baseline-epochs", type=float, default=10, help="RNN, LSTM, CNN")
+    a("--teacher-epochs", type=float, default=1)
+    a("--student-epochs", type=float, default=3, help="TKD-NLP, T-NLP, KD-BiLSTM")
+    a("--baseline-epochs", type=float, default=3, help="RNN, LSTM, CNN")
     a("--teacher-lr", type=float, default=5e-4)
-    a("--seeds", type=int, nargs="+", default=[0, 1])
+    a("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a("--baseline-seeds", type=int, default=1, help="how many of --seeds the RNN/LSTM/CNN use")
     a("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     a("--alpha", type=float, default=0.5)
