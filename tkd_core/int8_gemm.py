@@ -227,7 +227,8 @@ def quantized_linear_cpu(x2d: torch.Tensor, w: PackedInt8Weight, w_scale: torch.
     if M == 0 or w.N == 0:
         return out
     x_scale = torch.empty(M, dtype=torch.float32)
-    keep, ptrs = _cpu_scales(True, None, w_scale, bias, M, w.N, x2d.device)  # noqa: F841
+    # x_scale: written by the kernel's quantizer, then read by its epilogue
+    keep, ptrs = _cpu_scales(True, x_scale, w_scale, bias, M, w.N, x2d.device)  # noqa: F841
     _ext().linear_dynamic(x2d.data_ptr(), _X_DTYPE_CODE[x2d.dtype], x2d.stride(0),
                           w.data.data_ptr(), M, w.N, K, out.data_ptr(), w.N, x_scale.data_ptr(),
                           ptrs[1], ptrs[2], _threads())
