@@ -290,6 +290,45 @@ def test_reference_path_on_cpu(reference_backend):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+@pytest.mark.parametrize("case", ["no_mask", "all_true", "padded", "fully_padded", "causal",
+                                  "causal_rect", "causal_padded", "fp16", "dropout"])
+def test_cpu_path_sdpa_or_reference(reference_backend, monkeypatch, case):
+    """The CPU path takes torch's SDPA where it has our semantics and the reference elsewhere;
+    either way: forward and every gradient (random grad_out) against float64."""
+    B, H, S_q, S_k, D = 3, 2, 17, 17, 16
+    causal = case.startswith("causal")
+    if case == "causal_rect":
+        S_q = 7
+    dtype = torch.float16 if case == "fp16" else torch.float32
+    padded = case in ("all_true", "padded", "fully_padded", "causal_padded", "fp16")
+    q, k, v, mask = _inputs(B, H, S_q, S_k, D, dtype, padded=padded)
+    if case in ("padded", "causal_padded", "fp16"):
+        mask[-1, :3] = True  # every sequence sees a key
+    elif case == "all_true":
+        mask[:] = True
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    p = 0.3 if case == "dropout" else 0.0
+    out = tkd_core.ops.attention(q, k, v, mask, causal=causal, dropout_p=p)
+    want_sdpa = case in ("no_mask", "all_true", "padded", "causal", "dropout")
+    assert bool(calls) == want_sdpa, case
+    if case == "dropout":  # SDPA's own dropout draw: unbiased, finite, grads flow
+        assert torch.isfinite(out).all()
+        out.sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+        return
+    go = torch.randn_like(out)
+    out.backward(go)
+    ref, leaves = _ref64(q, k, v, mask, causal)
+    ref.backward(go.double())
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    assert_close(out, ref, tol, "out")
+    for name, t, r in zip("qkv", (q, k, v), leaves):
+        assert_close(t.grad, r.grad, 4 * tol, f"d{name}")
+
+
 def test_causal_is_bottom_right_aligned_like_torch():
     from torch.nn.attention.bias import causal_lower_right
     for S_q, S_k in ((5, 9), (9, 9)):

@@ -139,7 +139,7 @@ class Int8Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must end in in_features={self.in_features}, got shape "
                              f"{tuple(x.shape)}")
-        if x.device != self.weight.device:
+        if x.is_cuda != self.weight.is_cuda or (x.is_cuda and x.device != self.weight.device):
             raise ValueError(f"x is on {x.device} but Int8Linear's weight is on "
                              f"{self.weight.device}")
         x2 = x.reshape(-1, self.in_features)  # (M, K)
@@ -151,7 +151,9 @@ class Int8Linear(nn.Module):
         else:
             y = int8_gemm.quantized_linear_cpu(x2, self._packed_weight(), self.weight_scale,
                                                self.bias)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

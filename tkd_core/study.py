@@ -535,8 +535,10 @@ def write_report(path: str, res: dict) -> None:
                      f"{100 * c['seed_spread']:.2f} points over {c['seeds']} seeds: "
                      + ("**beyond** the run-to-run noise." if c["beyond_noise"] else
                         "**within** the run-to-run noise."))
-    L += ["", "Two seeds give a rough noise estimate only; a difference is called beyond the "
-          "noise when it exceeds both twice the larger seed std and the larger seed spread.", ""]
+    n_seeds = max((len(m["seeds"]) for m in cfg["models"].values()), default=1)
+    L += ["", f"{n_seeds} seeds per group give a rough noise estimate only; a difference is "
+          "called beyond the noise when it exceeds both twice the larger seed std and the larger "
+          "seed spread.", ""]
     L += ["## Targets", "", "| target | met | numbers |", "|---|---|---|"]
     for t in res["targets"]:
         met = {True: "met", False: "**NOT met**", None: "not measured"}[t["met"]]
@@ -578,7 +580,14 @@ def write_report(path: str, res: dict) -> None:
           f"{cfg['max_len']}, fp32, a shared WordPiece vocabulary of {cfg['vocab_size']:,} "
           "learnt on the training split (`tokenizer/`). Deviations from the paper's recipe "
           "(KD weight 0.5, T=1, batch 64, 10 epochs, AdamW, FP16 on CUDA): fewer epochs and fp32 "
-          "on CPU, as above. Each job's exact command line is in results.json.", ""]
+          "on CPU, as above. Batches are grouped by length (`--group-by-length`: less padding, "
+          "the order still seeded-random per epoch) and the teacher's logits on the training "
+          "set are computed once and shared by the distilled students (`--teacher-logits`). "
+          "Each job's exact command line is in results.json.", "",
+          "The epochs and the teacher's pooling and dropout were chosen from short SST-2 runs "
+          "judged on dev accuracy, recorded in `teacher_search.md` beside this report when it "
+          "is published (GLUE's test labels are hidden, so dev served both for these choices and "
+          "for the numbers above).", ""]
     if res.get("failed"):
         L += ["## Failed jobs", "", *[f"- {n}: see {n}/train.log" for n in res["failed"]], ""]
     L += ["Plots: `accuracy_vs_latency.png`, `accuracy_vs_size.png`.", ""]
