@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import io
 import json
+import math
 import os
 import pickle
 import platform
@@ -500,7 +501,8 @@ def write_report(path: str, res: dict) -> None:
                             if hw["parallel_jobs"] else "one job at a time, in-process") +
           f", {hw['train_threads_per_job']} thread(s) each; latency: "
           f"`torch.set_num_threads({hw['latency_threads']})`, "
-          f"nothing else of the study running, median of {cfg['latency_reps']} forwards "
+          f"nothing else of the study running, median of {cfg.get('latency_rounds', 1)} "
+          f"rounds (interleaved over the models) of the median of {cfg['latency_reps']} forwards "
           f"(after 2 warm-ups) of random tokens, batch 1 and 32, sequence length {SEQ_LEN}, "
           "no padding. Throughput = 32 / (batch-32 latency). 1-minute load average when the "
           f"latency runs started: {_num(hw['load_average_at_latency'])} (above ~0.5, other "
@@ -607,16 +609,24 @@ def write_plots(out: str, groups) -> List[str]:
             ("size", "size on disk (MB, log; INT8 row: its INT8 size)", "accuracy_vs_size.png",
              lambda r: (r["size_int8"] if r is groups.get("int8") else r["size_fp32"] or 0)
              / 2**20)]:
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-        for label, acc, r in rows:
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+        placed = []  # label positions so far: models at the same x stack their labels apart
+        for label, acc, r in sorted(rows, key=lambda t: -t[1]):
             x = xof(r)
             if x is None or x <= 0:
                 continue
             yerr = 100 * r["accuracy_std"] if r["accuracy_std"] else None
             ax.errorbar([x], [100 * acc], yerr=yerr, fmt="o", capsize=3)
-            ax.annotate(label, (x, 100 * acc), textcoords="offset points", xytext=(5, 4),
-                        fontsize=8)
+            near = sum(abs(math.log(x / px)) < 0.08 and abs(100 * acc - py) < 0.25
+                       for px, py in placed)
+            placed.append((x, 100 * acc))
+            ax.annotate(label, (x, 100 * acc), textcoords="offset points",
+                        xytext=(6, 4 - 10 * near), fontsize=8)
         ax.set_xscale("log")
+        fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(fmt)
+        ax.xaxis.set_minor_formatter(fmt)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("dev accuracy (%)")
         ax.set_title(f"accuracy vs {key}")
@@ -645,7 +655,10 @@ def parse_args(argv=None):
     a("--threads", type=int, default=1, help="CPU threads per training job")
     a("--latency-threads", type=int, default=0, help="threads for the latency runs "
       "(0: every core)")
-    a("--latency-reps", type=int, default=30, help="timed forwards per latency (median)")
+    a("--latency-reps", type=int, default=100, help="timed forwards per latency (median)")
+    a("--latency-rounds", type=int, default=3, help="rounds over all the models (interleaved, "
+      "so that a slow spell of the machine does not land on one model); the latency is the "
+      "median of the rounds' medians")
     a("--teacher-preset", default="cpu-teacher")
     a("--teacher-set", nargs="*", default=list(TEACHER_SET), metavar="KEY=VALUE",
       help="ModelConfig overrides of the teacher (the trainer's --set)")
@@ -680,7 +693,7 @@ def parse_args(argv=None):
                          f"{spec.name} is not one")
     if args.jobs < 0:
         raise ValueError(f"--jobs must be >= 0, got {args.jobs}")
-    for name in ("threads", "latency_reps", "batch_size", "max_len"):
+    for name in ("threads", "latency_reps", "latency_rounds", "batch_size", "max_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 1 <= args.baseline_seeds <= len(args.seeds):
@@ -791,7 +804,7 @@ def measure(a, plan, status, spec, train, dev, tokenizer) -> List[dict]:
     tok = Tokenizer.from_file(tokenizer)
     dev_items = gdata.encode(tok, dev, a.max_len)
     labels = [y for _, _, y in dev_items]
-    runs, lat_cache = [], {}
+    runs, timed = [], {}  # timed: latency key -> model (one per architecture)
     for job in plan:
         label = GROUPS.get(job.group, (f"TKD-NLP (T={job.temperature:g})",))[0]
         row = dict(name=job.name, group=job.group, label=label, mode=job.mode, seed=job.seed,
@@ -823,11 +836,8 @@ def measure(a, plan, status, spec, train, dev, tokenizer) -> List[dict]:
         q, why = int8_copy(model)
         row["size_int8"] = size_on_disk(q) if q is not None else None
         key = json.dumps(cfg.to_dict(), sort_keys=True)  # same architecture: time it once
-        if key not in lat_cache:
-            lat_cache[key] = {b: model_latency(model, cfg.vocab_size, b, a.latency_reps)
-                              for b in LATENCY_BATCHES}
-        row["latency_ms"] = lat_cache[key]
-        row["throughput"] = 32e3 / row["latency_ms"][32]
+        timed.setdefault(key, model)
+        row["_latency_key"] = key
         attempts = _read_attempts(run_dir)
         row["train_wall_s"] = sum(x["wall_s"] for x in attempts) if attempts else None
         row["train_cpu_s"] = sum(x["cpu_s"] for x in attempts) if attempts else None
@@ -838,7 +848,21 @@ def measure(a, plan, status, spec, train, dev, tokenizer) -> List[dict]:
         runs.append(row)
         if job.name == f"tkd_T1_s{a.seeds[0]}":
             runs.append(int8_row(a, job, model, q, why, dev_items, labels, spec, row))
+            if q is not None:
+                timed["int8"] = q
         print(f"[study] measured {job.name}: acc {row['metrics']['accuracy']:.4f}", flush=True)
+    rounds = {key: [] for key in timed}
+    for _ in range(a.latency_rounds):
+        for key, model in timed.items():
+            rounds[key].append({b: model_latency(model, model.config.vocab_size, b,
+                                                 a.latency_reps) for b in LATENCY_BATCHES})
+    for row in runs:
+        key = row.pop("_latency_key", "int8" if row["group"] == "int8" else None)
+        if key in rounds:
+            row["latency_ms"] = {b: statistics.median(r[b] for r in rounds[key])
+                                 for b in LATENCY_BATCHES}
+            row["latency_rounds_ms"] = {b: [r[b] for r in rounds[key]] for b in LATENCY_BATCHES}
+            row["throughput"] = 32e3 / row["latency_ms"][32]
     return runs
 
 
@@ -852,10 +876,7 @@ def int8_row(a, job, model, q, why, dev_items, labels, spec, fp32_row) -> dict:
     row.update(params=fp32_row["params"], size_fp32=fp32_row["size_fp32"],
                size_int8=fp32_row["size_int8"],
                metrics=dev_metrics(spec.name, predict(q, dev_items), labels),
-               latency_ms={b: model_latency(q, model.config.vocab_size, b, a.latency_reps)
-                           for b in LATENCY_BATCHES},
-               train_wall_s=None, train_cpu_s=None)
-    row["throughput"] = 32e3 / row["latency_ms"][32]
+               train_wall_s=None, train_cpu_s=None)  # latency: timed with the others
     return row
 
 
@@ -877,7 +898,8 @@ def study_config(a, plan, tokenizer) -> dict:
                                            baseline=a.baseline_epochs),
                 temperatures=a.temperatures, seeds=a.seeds, alpha=a.alpha,
                 batch_size=a.batch_size, max_len=a.max_len, vocab_size=vocab,
-                latency_reps=a.latency_reps, max_train_examples=a.max_train_examples,
+                latency_reps=a.latency_reps, latency_rounds=a.latency_rounds,
+                max_train_examples=a.max_train_examples,
                 max_dev_examples=a.max_dev_examples)
 
 
