@@ -312,12 +312,13 @@ def test_cpu_path_sdpa_or_reference(reference_backend, monkeypatch, case):
                         lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
     p = 0.3 if case == "dropout" else 0.0
     out = tkd_core.ops.attention(q, k, v, mask, causal=causal, dropout_p=p)
-    want_sdpa = case in ("no_mask", "all_true", "padded", "causal", "dropout")
+    want_sdpa = case in ("no_mask", "all_true", "padded", "causal")
     assert bool(calls) == want_sdpa, case
-    if case == "dropout":  # SDPA's own dropout draw: unbiased, finite, grads flow
-        assert torch.isfinite(out).all()
-        out.sum().backward()
-        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    if case == "dropout":  # the reference's dropout stream (torch.rand_like), as in training
+        torch.manual_seed(7)
+        again = tkd_core.ops.attention(q, k, v, mask, causal=causal, dropout_p=p)
+        torch.manual_seed(7)
+        torch.testing.assert_close(again, A.attention_ref(q, k, v, mask, causal, p))
         return
     go = torch.randn_like(out)
     out.backward(go)
