@@ -211,7 +211,7 @@ def epoch_batches(lengths, epoch, args, rank, world):
     Batches then hold similar lengths (SST-2: 3.4x padded/real tokens at random -> 1.05x) while
     every example is still seen once per epoch in a seeded random order."""
     n = len(lengths)
-    if not getattr(args, "group_by_length", False):
+    if not args.group_by_length:
         sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank,
                                                       shuffle=True, seed=args.seed,
                                                       drop_last=False)
@@ -639,9 +639,8 @@ def train(args, tag=None):
                    metrics=last_eval, train_seconds=elapsed,
                    tokens_per_s=tokens_seen / elapsed if elapsed else 0.0,
                    checkpoint=os.path.abspath(ck_path))
-    if args.mode == "teacher" and args.teacher_logits and step >= total:
-        all_teacher_logits(raw.eval(), train_items, args.teacher_logits, device, amp_dtype,
-                           write=main)
+    if main and args.mode == "teacher" and args.teacher_logits and step >= total:
+        all_teacher_logits(raw.eval(), train_items, args.teacher_logits, device, amp_dtype)
     if main:
         export_safetensors(raw, os.path.join(out, "model.safetensors"))
         with open(os.path.join(out, "summary.json"), "w") as f:
