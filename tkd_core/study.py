@@ -55,8 +55,9 @@ PUBLISHED = [  # SST-2 dev accuracy (%), pretrained models
 # for the few epochs a CPU run affords) widened to 128, so that the 2-layer width-64 student
 # (cpu-student-2) has >= 5x fewer parameters with the 8000-word vocabulary (3.44M vs 0.62M);
 # mean pooling and hidden dropout 0.3, the best of the short SST-2 teacher runs we tried
-# (docs/results/sst2/teacher_search.md). Trained from scratch it peaks after about one pass over SST-2's 67k phrases and
-# overfits after: 1 epoch. The students peak by epoch 2-3 of the paper's 10: 3 epochs.
+# (docs/results/sst2/teacher_search.md). Trained from scratch it peaks after about one pass
+# over SST-2's 67k phrases and overfits after: 1 epoch. The students peak by epoch 2-3 of the
+# paper's 10: 3 epochs.
 TEACHER_SET = ("hidden_size=128", "ffn_size=512", "pooling=mean", "hidden_dropout=0.3")
 PAPER_CLAIM = 98.32     # the TKD-NLP paper's reported accuracy
 TFIDF_PUBLISHED = 82.0  # TF-IDF + logistic regression, SST-2 dev, as the issue states
