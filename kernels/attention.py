@@ -639,18 +639,15 @@ def _attention_cpu(q, k, v, key_padding_mask, causal, dropout_p, scale):
     S_q, S_k = q.shape[-2], k.shape[-2]
     fast = q.dtype == torch.float32 and dropout_p == 0 and not (
         causal and (key_padding_mask is not None or S_q != S_k))
-    mask = None
-    if fast and key_padding_mask is not None:
-        if bool(key_padding_mask.all()):
-            mask = None  # nothing to mask
-        elif bool(key_padding_mask.any(-1).all()):
+    mask = None  # all keys visible: no mask
+    if fast and key_padding_mask is not None and not bool(key_padding_mask.all()):
+        if bool(key_padding_mask.any(-1).all()):
             mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, S_k): True = attend
         else:
             fast = False  # a sequence with no visible key: its rows must be zeros, not NaN
     if not fast:
         return attention_ref(q, k, v, key_padding_mask, causal, dropout_p, scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                          is_causal=causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
 def attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, softmax_scale=None):

@@ -858,7 +858,7 @@ def measure(a, plan, status, spec, train, dev, tokenizer) -> List[dict]:
             rounds[key].append({b: model_latency(model, model.config.vocab_size, b,
                                                  a.latency_reps) for b in LATENCY_BATCHES})
     for row in runs:
-        key = row.pop("_latency_key", "int8" if row["group"] == "int8" else None)
+        key = row.pop("_latency_key", None)
         if key in rounds:
             row["latency_ms"] = {b: statistics.median(r[b] for r in rounds[key])
                                  for b in LATENCY_BATCHES}
@@ -877,7 +877,8 @@ def int8_row(a, job, model, q, why, dev_items, labels, spec, fp32_row) -> dict:
     row.update(params=fp32_row["params"], size_fp32=fp32_row["size_fp32"],
                size_int8=fp32_row["size_int8"],
                metrics=dev_metrics(spec.name, predict(q, dev_items), labels),
-               train_wall_s=None, train_cpu_s=None)  # latency: timed with the others
+               train_wall_s=None, train_cpu_s=None,
+               _latency_key="int8")  # latency: timed in measure()'s rounds with the others
     return row
 
 
