@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from bench import harness
-from tkd_core.model import ModelConfig, build_model, param_count
-from tkd_core.train import cpu_threads
+from tkd_core.measure import cpu_threads, param_count
+from tkd_core.model import ModelConfig, build_model
 
 
 class TorchBert(nn.Module):
@@ -119,16 +119,10 @@ def main(device, quick=False):
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = old
-    cols = ["shape", "dtype", "provider", "params", "ms", "tokens_per_s", "ratio_vs_torch"]
-    table = [cols] + [[harness._fmt(r.get(c, "")) if not isinstance(r.get(c), int)
-                       else f"{r[c]:,}" for c in cols] for r in rows]
-    widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"\n== train ({harness.device_name(device)}{threads}) ==")
-    for i, line in enumerate(table):
-        print("| " + " | ".join(s.ljust(w) for s, w in zip(line, widths)) + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    harness.print_table(f"train ({harness.device_name(device)}{threads})", rows,
+                        ["shape", "dtype", "provider", "params", "ms", "tokens_per_s",
+                         "ratio_vs_torch"])
     print("ratio_vs_torch = our tokens/s / torch's tokens/s (> 1: ours is faster)")
     if device.type == "cpu":
         print("CPU: our ops run their torch references here; the Triton kernels are GPU-only.")

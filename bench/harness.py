@@ -65,7 +65,7 @@ def time_ms(fn, inputs, device, reps=20, warmup=3):
     if device.type == "cuda":
         import triton.testing
         return triton.testing.do_bench(lambda: fn(*inputs), warmup=25, rep=100)
-    from tkd_core.model import median_ms
+    from tkd_core.measure import median_ms
     return median_ms(lambda: fn(*inputs), reps, warmup)
 
 
@@ -126,17 +126,20 @@ def _fmt(v):
     return str(v)
 
 
-def _print_table(op_name, rows):
-    cols = ["mode", "shape", "dtype", "provider", "max_abs_err", "rel_err", "ms", "GB/s",
-            "TFLOP/s", "GOP/s", "speedup_vs_ref", "nbytes"]
+def print_table(title, rows, cols):
+    """`rows` as one markdown table under `== title ==`: the columns of `cols` that any row has,
+    floats in 4 significant digits (scientific when tiny or huge), ints with separators."""
+    from tkd_core.measure import format_table
     cols = [c for c in cols if any(c in r for r in rows)]
-    table = [cols] + [[_fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
-    print(f"\n== {op_name} ==")
-    for i, line in enumerate(table):
-        print("| " + " | ".join(s.ljust(w) for s, w in zip(line, widths)) + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    cells = [{c: (f"{r[c]:,}" if isinstance(r[c], int) and not isinstance(r[c], bool)
+                  else _fmt(r[c])) for c in cols if c in r} for r in rows]
+    print(f"\n== {title} ==")
+    print(format_table(cells, cols))
+
+
+def _print_table(op_name, rows):
+    print_table(op_name, rows, ["mode", "shape", "dtype", "provider", "max_abs_err", "rel_err",
+                                "ms", "GB/s", "TFLOP/s", "GOP/s", "speedup_vs_ref", "nbytes"])
 
 
 def _print_resources(op_name):

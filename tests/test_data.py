@@ -266,3 +266,32 @@ def test_load_through_datasets_maps_labels(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=unreachable))
     with pytest.raises(RuntimeError, match="Pass --data-dir"):
         data.load_split("rte", "train")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_group_by_length_batches(world):
+    """--group-by-length: each example exactly once per epoch (world 1), the ranks' shares of
+    step k together form the one-process global batch k, far less padding than random batches,
+    seeded (same seed -> same batches; next epoch -> another order)."""
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, 80, (4099,), generator=g).tolist()
+    def batches(epoch, rank, world, group_by_length=True):
+        return data.epoch_batches(lengths, epoch, 12, 3, rank, world, group_by_length)
+
+    one = batches(0, 0, 1)
+    assert sorted(i for b in one for i in b) == list(range(len(lengths)))
+    assert all(len(b) == 12 for b in one[:-1]) or sum(len(b) < 12 for b in one) == 1
+    ranks = [batches(0, r, world) for r in range(world)]
+    assert all(len(r) == len(one) for r in ranks)
+    for k, b in enumerate(one):
+        parts = [ranks[r][k] for r in range(world)]
+        assert len({len(p) for p in parts}) == 1  # equal local batches
+        assert set(i for p in parts for i in p) == set(b)
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches) / sum(lengths)
+
+    rand = batches(0, 0, 1, group_by_length=False)
+    assert padded(one) < 1.2 < 1.5 < padded(rand)
+    assert batches(0, 0, 1) == one
+    assert batches(1, 0, 1) != one

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import SST2_DIR
-from tkd_core import study
+from tkd_core.study import jobs, measurements, plan, report, run, stats
+from tkd_core.study.__main__ import main as study_main
 from tkd_core.model import ModelConfig, build_model, param_count
 
 HAVE_SST2 = os.path.isfile(os.path.join(SST2_DIR, "train.tsv"))
@@ -24,23 +25,32 @@ LABELS = ["Teacher", "TKD-NLP", "TKD-NLP (T=2)", "T-NLP", "KD-NLP (BiLSTM)", "RN
 
 
 def test_default_plan_is_the_issues_study():
-    a = study.parse_args(["--out", "x"])
-    plan = study.make_plan(a)
+    a = run.parse_args(["--out", "x"])
+    jobs_ = plan.make_plan(a)
     by_group = {}
-    for j in plan:
+    for j in jobs_:
         by_group.setdefault(j.group, []).append(j)
     assert {g: len(js) for g, js in by_group.items()} == {
         "teacher": 1, "tfidf": 1, "tnlp": 3, "rnn": 1, "lstm": 1, "cnn": 1, "tkd": 3,
         "tkd-T2": 3, "tkd-T4": 3, "kd-bilstm": 3}
-    assert plan[0].name == "teacher"
+    assert jobs_[0].name == "teacher"
     assert {j.arch for j in by_group["kd-bilstm"]} == {"bilstm"}
     assert all(j.needs_teacher for j in by_group["tkd"] + by_group["kd-bilstm"])
     assert not any(j.needs_teacher for j in by_group["tnlp"] + by_group["rnn"])
     assert [j.temperature for g in ("tkd", "tkd-T2", "tkd-T4") for j in by_group[g]] == \
         [1, 1, 1, 2, 2, 2, 4, 4, 4]
-    # the teacher has >= 5x the student's parameters at the study's vocabulary
-    t = build_model(study.job_config(plan[0], 8000))
-    s = build_model(study.job_config(by_group["tkd"][0], 8000))
+    # the teacher has >= 5x the student's parameters at the study's vocabulary, as the trainer
+    # builds them from each job's command line
+    from tkd_core import data, train
+
+    class Tok:
+        def get_vocab_size(self):
+            return 8000
+
+    def built(job):
+        args = train.parse_args(plan.train_argv(job, a, "tok.json"))
+        return build_model(train.model_config(args, data.get_task("sst2"), Tok()))
+    t, s = built(jobs_[0]), built(by_group["tkd"][0])
     assert t.config.num_layers == 12 and s.config.num_layers < 12
     assert param_count(t) >= 5 * param_count(s)
 
@@ -48,11 +58,11 @@ def test_default_plan_is_the_issues_study():
 def test_every_job_is_a_valid_trainer_command_line():
     """The paper's recipe reaches the trainer: KD weight 0.5, batch 64, the temperature."""
     from tkd_core import train
-    a = study.parse_args(DATA + ["--out", "runs/x"])
-    for job in study.make_plan(a):
+    a = run.parse_args(DATA + ["--out", "runs/x"])
+    for job in plan.make_plan(a):
         if job.mode == "tfidf":
             continue
-        t = train.parse_args(study.train_argv(job, a, "tok.json"))
+        t = train.parse_args(plan.train_argv(job, a, "tok.json"))
         assert (t.mode, t.arch, t.preset, t.seed) == (job.mode, job.arch, job.preset, job.seed)
         assert (t.alpha, t.batch_size, t.temperature) == (0.5, 64, job.temperature)
         assert t.out == os.path.join("runs/x", job.name)
@@ -70,21 +80,21 @@ def test_every_job_is_a_valid_trainer_command_line():
 ])
 def test_bad_arguments(argv, match):
     with pytest.raises(ValueError, match=match):
-        study.parse_args(argv)
-    assert study.main(argv) == 1
+        run.parse_args(argv)
+    assert study_main(argv) == 1
 
 
 def test_run_state(tmp_path):
     d = str(tmp_path)
-    assert study.run_state(d) == "new"
+    assert jobs.run_state(d) == "new"
     (tmp_path / "checkpoint.pt").write_bytes(b"x")
-    assert study.run_state(d) == "partial"
+    assert jobs.run_state(d) == "partial"
     (tmp_path / "summary.json").write_text(json.dumps({"finished": False}))
-    assert study.run_state(d) == "partial"
+    assert jobs.run_state(d) == "partial"
     (tmp_path / "summary.json").write_text(json.dumps({"finished": True}))
-    assert study.run_state(d) == "done"
+    assert jobs.run_state(d) == "done"
     (tmp_path / "summary.json").write_text("{truncated")
-    assert study.run_state(d) == "partial"
+    assert jobs.run_state(d) == "partial"
 
 
 def test_run_tasks_order_dependencies_failures(tmp_path):
@@ -93,7 +103,7 @@ def test_run_tasks_order_dependencies_failures(tmp_path):
     done = {}
 
     def task(name, code, deps=()):
-        return study.Task(name, [py, "-c", code], str(tmp_path / name / "log"), deps,
+        return jobs.Task(name, [py, "-c", code], str(tmp_path / name / "log"), deps,
                           on_done=lambda ok, w, c: done.__setitem__(name, (ok, w, c)))
     tasks = [task("a", f"import time; time.sleep(0.3); open({str(mark)!r}, 'w').write('1')"),
              task("b", f"import os, sys; sys.exit(0 if os.path.exists({str(mark)!r}) else 5)",
@@ -101,7 +111,7 @@ def test_run_tasks_order_dependencies_failures(tmp_path):
              task("c", "import sys; print('boom'); sys.exit(3)"),
              task("d", "pass", deps=("c",)),
              task("e", "x = sum(range(10**6))")]
-    status = study.run_tasks(tasks, jobs=2, poll=0.02)
+    status = jobs.run_tasks(tasks, jobs=2, poll=0.02)
     assert status == {"a": "ok", "b": "ok", "c": "failed", "d": "skipped", "e": "ok"}
     assert {k: v[0] for k, v in done.items()} == {"a": True, "b": True, "c": False, "d": False,
                                                    "e": True}
@@ -109,9 +119,9 @@ def test_run_tasks_order_dependencies_failures(tmp_path):
     log_c = (tmp_path / "c" / "log").read_text()
     assert "boom" in log_c and "$ " in log_c
     with pytest.raises(ValueError, match="unknown task"):
-        study.run_tasks([task("x", "pass", deps=("y",))], jobs=1)
+        jobs.run_tasks([task("x", "pass", deps=("y",))], jobs=1)
     with pytest.raises(ValueError, match="jobs"):
-        study.run_tasks([], jobs=0)
+        jobs.run_tasks([], jobs=0)
 
 
 def _group(acc, params=1000, lat1=1.0, accs=None, **kw):
@@ -127,17 +137,17 @@ def test_targets_met_and_not_met():
                   tnlp=_group(0.80, params=1000, accs=[0.799, 0.801]),
                   **{"kd-bilstm": _group(0.79, accs=[0.789, 0.791])},
                   int8=_group(0.826, lat1=1.2, fp32_accuracy=0.830))
-    t = {x["target"].split()[0]: x["met"] for x in study.targets(groups)}
+    t = {x["target"].split()[0]: x["met"] for x in stats.targets(groups)}
     assert t == {"teacher": True, "TKD-NLP": True, "INT8": True, "ablation:": True}
     groups["tfidf"] = _group(0.85)                         # a stronger linear baseline
     groups["tkd"] = _group(0.82, params=1500, accs=[0.81, 0.83])  # 97.6% of the teacher, 4x
     groups["int8"] = _group(0.82, lat1=1.5, fp32_accuracy=0.83)   # -1 point, 6.7x
-    t = {x["target"].split()[0]: x["met"] for x in study.targets(groups)}
+    t = {x["target"].split()[0]: x["met"] for x in stats.targets(groups)}
     assert t == {"teacher": False, "TKD-NLP": False, "INT8": False, "ablation:": False}
-    c = study.compare(groups, "tkd", "tnlp")  # +2 points, but the seeds spread 2 points
+    c = stats.compare(groups, "tkd", "tnlp")  # +2 points, but the seeds spread 2 points
     assert abs(c["diff"] - 0.02) < 1e-12 and not c["beyond_noise"]
     del groups["int8"]
-    assert [x["met"] for x in study.targets(groups)][2] is None
+    assert [x["met"] for x in stats.targets(groups)][2] is None
 
 
 @pytest.fixture
@@ -145,7 +155,7 @@ def tiny_study(tmp_path_factory, reference_backend):
     out = str(tmp_path_factory.mktemp("study") / "sst2")
     argv = TINY + ["--out", out]
     threads = torch.get_num_threads()
-    res = study.run_study(study.parse_args(argv), argv)
+    res = run.run_study(run.parse_args(argv), argv)
     assert torch.get_num_threads() == threads  # --latency-threads 1 does not leak
     return out, argv, res
 
@@ -198,18 +208,18 @@ def test_tiny_study_end_to_end_and_resume(tiny_study, reference_backend):
     # resumability: a job killed mid-run (checkpoint, no finished summary) continues with
     # --resume; every finished job is reused, not retrained
     from tkd_core import train
-    a = study.parse_args(argv)
-    job = next(j for j in study.make_plan(a) if j.name == "tnlp_s1")
+    a = run.parse_args(argv)
+    job = next(j for j in plan.make_plan(a) if j.name == "tnlp_s1")
     run_dir = os.path.join(out, job.name)
     for f in os.listdir(run_dir):
         os.remove(os.path.join(run_dir, f))
     tok = os.path.join(out, "tokenizer", "tokenizer.json")
-    assert train.main(study.train_argv(job, a, tok) + ["--stop-at-step", "2"]) == 0
-    assert study.run_state(run_dir) == "partial"
+    assert train.main(plan.train_argv(job, a, tok) + ["--stop-at-step", "2"]) == 0
+    assert jobs.run_state(run_dir) == "partial"
     teacher_ck = os.path.getmtime(os.path.join(out, "teacher", "checkpoint.pt"))
     pub = os.path.join(out, "published")
     a.publish = pub
-    res2 = study.run_study(a, argv)
+    res2 = run.run_study(a, argv)
     assert sorted(os.listdir(pub)) == ["accuracy_vs_latency.png", "accuracy_vs_size.png",
                                        "report.md", "results.json"]
     assert res2["failed"] == []
@@ -220,7 +230,7 @@ def test_tiny_study_end_to_end_and_resume(tiny_study, reference_backend):
     steps = [json.loads(x)["step"] for x in open(os.path.join(run_dir, "log.jsonl"))
              if '"type": "step"' in x]
     assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == 3  # 192 / 64 steps, once
-    assert study.run_state(run_dir) == "done"
+    assert jobs.run_state(run_dir) == "done"
     inv = res2["invocations"]
     assert len(inv) == 2 and all(x["completed"] for x in inv)
     assert res2["total_wall_s"] == pytest.approx(inv[0]["wall_s"] + inv[1]["wall_s"])
@@ -236,9 +246,9 @@ def test_report_survives_failed_jobs(tmp_path):
             dict(name="tfidf", group="tfidf", label="TF-IDF + LR", **ok),
             dict(name="tkd_T1_s0_int8", group="int8", label="TKD-NLP INT8",
                  note="INT8 path unavailable: no kernel")]
-    groups = study.aggregate(runs)
+    groups = stats.aggregate(runs)
     groups["int8"]["note"] = runs[-1]["note"]
-    a = study.parse_args(DATA + ["--out", str(tmp_path)])
+    a = run.parse_args(DATA + ["--out", str(tmp_path)])
     cfg = dict(models={"teacher": dict(mode="teacher", arch="transformer", preset="p",
                                        overrides=[], pre_ln=True, num_layers=12, hidden_size=128,
                                        ffn_size=512, epochs=1.5, lr=5e-4, temperature="-",
@@ -246,13 +256,13 @@ def test_report_survives_failed_jobs(tmp_path):
                epochs=dict(teacher=1.5, student=2, baseline=2), temperatures=[1.0], seeds=[0],
                alpha=0.5, batch_size=64, max_len=64, vocab_size=8000, latency_reps=3)
     res = dict(task="sst2", command="python -m tkd_core.study", n_train=10, n_dev=5,
-               hardware=study.hardware(a), config=cfg, runs=runs, groups=groups,
-               failed=["teacher"], targets=study.targets(groups), wall_s=1.0, total_wall_s=2.0,
+               hardware=measurements.hardware(a), config=cfg, runs=runs, groups=groups,
+               failed=["teacher"], targets=stats.targets(groups), wall_s=1.0, total_wall_s=2.0,
                invocations=[{}, {}])
-    study.write_report(str(tmp_path / "report.md"), res)
+    report.write_report(str(tmp_path / "report.md"), res)
     text = (tmp_path / "report.md").read_text()
     assert "| Teacher | 0 | failed: teacher |" in text
     assert "| TKD-NLP INT8 | 0 | INT8 path unavailable: no kernel |" in text
     assert "## Failed jobs" in text and "teacher/train.log" in text
     assert [t["met"] for t in res["targets"]] == [None, None, None, None]
-    assert len(study.write_plots(str(tmp_path), groups)) == 2
+    assert len(report.write_plots(str(tmp_path), groups)) == 2

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import SST2_DIR
-from tkd_core import data, train
+from tkd_core import checkpoint, data, distill, train
 from tkd_core.model import ModelConfig, build_model
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "glue")
@@ -54,7 +54,7 @@ def test_each_mode(tmp_path, vocab, reference_backend):
     assert train.main(["--mode", "distill", "--teacher", str(t / "checkpoint.pt"),
                        "--max-steps", "4", "--accum", "2", "--warmup", "2"] + tiny_args(vocab, kd)) == 0
     # checkpoint: everything to resume, clean keys, loadable with weights_only=True
-    ck = train.load_checkpoint(str(t / "checkpoint.pt"))
+    ck = checkpoint.load_checkpoint(str(t / "checkpoint.pt"))
     for k in ("model", "optimizer", "scheduler", "scaler", "rng", "step", "epoch",
               "batch_in_epoch", "config", "tokenizer"):
         assert k in ck, k
@@ -97,7 +97,7 @@ def test_resume_gives_identical_weights(tmp_path, vocab, reference_backend):
     a, b = tmp_path / "a", tmp_path / "b"
     assert train.main(common + tiny_args(vocab, a)) == 0
     assert train.main(common + ["--stop-at-step", "4"] + tiny_args(vocab, b)) == 0
-    assert train.load_checkpoint(str(b / "checkpoint.pt"))["step"] == 4
+    assert checkpoint.load_checkpoint(str(b / "checkpoint.pt"))["step"] == 4
     assert train.main(common + ["--resume"] + tiny_args(vocab, b)) == 0
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
@@ -147,19 +147,19 @@ def test_ddp_two_processes_match_one(tmp_path, vocab, reference_backend, task):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, vocab, reference_backend,
                                                        monkeypatch, capsys):
-    real, calls = train.batch_loss, []
+    real, calls = distill.HardLabel.__call__, []
 
     def poisoned(*a, **k):
         calls.append(1)
-        loss, hard, kd = real(*a, **k)
-        return (loss * float("nan"), hard, kd) if len(calls) == 4 else (loss, hard, kd)
-    monkeypatch.setattr(train, "batch_loss", poisoned)
+        loss, parts = real(*a, **k)
+        return (loss * float("nan"), parts) if len(calls) == 4 else (loss, parts)
+    monkeypatch.setattr(distill.HardLabel, "__call__", poisoned)
     rc = train.main(["--mode", "teacher", "--max-steps", "6", "--save-every", "1"]
                     + tiny_args(vocab, tmp_path))
     assert rc == 1
     err = capsys.readouterr().err
     assert "loss became nan at step 4" in err and "last good checkpoint" in err
-    assert train.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 3
+    assert checkpoint.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 3
     assert read_log(tmp_path)[-1]["type"] == "diverged"
 
 
@@ -177,7 +177,7 @@ def test_bad_input_is_reported_clearly(tmp_path, vocab, reference_backend, capsy
     fails(["--mode", "teacher", "--resume", str(bad)] + tiny_args(vocab, tmp_path / "r"),
           "is corrupt or not a tkd checkpoint")
     with pytest.raises(RuntimeError, match="corrupt"):
-        train.load_checkpoint(str(bad))
+        checkpoint.load_checkpoint(str(bad))
     # a 2-label teacher cannot teach the 3-label MNLI student
     t = tmp_path / "t"
     assert train.main(["--mode", "teacher", "--max-steps", "1"] + tiny_args(vocab, t)) == 0
@@ -238,7 +238,7 @@ def test_fp16_skipped_steps_are_counted(tmp_path, vocab, reference_backend, monk
     assert [r["skipped"] for r in steps] == [True, True, True]
     assert steps[-1]["skipped_steps"] == 3
     assert json.load(open(out / "summary.json"))["skipped_steps"] == 3
-    ck = train.load_checkpoint(str(out / "checkpoint.pt"))
+    ck = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
     assert ck["scaler"]["scale"] == 2.0 ** 97  # halved once per skipped step
 
 
@@ -260,36 +260,7 @@ def test_preset_chooses_the_architecture(tmp_path, vocab, reference_backend):
         out = tmp_path / want
         assert train.main(["--mode", "student", "--max-steps", "1"] + tiny_args(vocab, out)
                           + extra) == 0
-        assert train.load_checkpoint(str(out / "checkpoint.pt"))["config"]["arch"] == want
-
-
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_group_by_length_batches(world):
-    """--group-by-length: each example exactly once per epoch (world 1), the ranks' shares of
-    step k together form the one-process global batch k, far less padding than random batches,
-    seeded (same seed -> same batches; next epoch -> another order)."""
-    g = torch.Generator().manual_seed(1)
-    lengths = torch.randint(1, 80, (4099,), generator=g).tolist()
-    args = type("A", (), dict(seed=3, batch_size=12, group_by_length=True))()
-    one = train.epoch_batches(lengths, 0, args, 0, 1)
-    assert sorted(i for b in one for i in b) == list(range(len(lengths)))
-    assert all(len(b) == 12 for b in one[:-1]) or sum(len(b) < 12 for b in one) == 1
-    ranks = [train.epoch_batches(lengths, 0, args, r, world) for r in range(world)]
-    assert all(len(r) == len(one) for r in ranks)
-    for k, b in enumerate(one):
-        parts = [ranks[r][k] for r in range(world)]
-        assert len({len(p) for p in parts}) == 1  # equal local batches
-        assert set(i for p in parts for i in p) == set(b)
-
-    def padded(batches):
-        return sum(max(lengths[i] for i in b) * len(b) for b in batches) / sum(lengths)
-
-    args.group_by_length = False
-    rand = train.epoch_batches(lengths, 0, args, 0, 1)
-    args.group_by_length = True
-    assert padded(one) < 1.2 < 1.5 < padded(rand)
-    assert train.epoch_batches(lengths, 0, args, 0, 1) == one
-    assert train.epoch_batches(lengths, 1, args, 0, 1) != one
+        assert checkpoint.load_checkpoint(str(out / "checkpoint.pt"))["config"]["arch"] == want
 
 
 def test_resume_with_group_by_length_is_exact(tmp_path, vocab, reference_backend):
@@ -311,7 +282,7 @@ def test_teacher_logits_file_is_shared_and_checked(tmp_path, vocab, reference_ba
     assert train.main(["--mode", "teacher", "--max-steps", "3", "--set", "initializer_range=0.5",
                        "--teacher-logits", str(cache)] + tiny_args(vocab, t)) == 0
     ck = torch.load(cache, weights_only=True)
-    teacher, _ = train.load_teacher(str(t / "checkpoint.pt"), data.get_task("synthetic"),
+    teacher, _ = distill.load_teacher(str(t / "checkpoint.pt"), data.get_task("synthetic"),
                                     torch.device("cpu"))
     items = data.encode(data.load_tokenizer(vocab),
                         data.load_split("synthetic", "train")[:96], 32)

@@ -1,0 +1,217 @@
+"""python -m tkd_core.study: the TKD-NLP reproduction study (teacher, TKD-NLP, its ablations,
+RNN/LSTM/CNN and TF-IDF baselines, the INT8 student) with accuracy and efficiency in one report.
+
+    python -m tkd_core.study --task sst2 --data-dir ../shared/data/glue/SST-2 --out runs/sst2
+    python -m tkd_core.study ... --estimate 2048     # time every job on a slice, project the run
+
+Models (every neural one trained by `python -m tkd_core.train`, the architecture by --arch):
+    teacher      the 12-layer Transformer (mode teacher, hard labels)
+    TKD-NLP      a 2-layer Transformer distilled from the teacher (kd_loss), T in {1, 2, 4}
+    T-NLP        the same student on hard labels only
+    KD-NLP       a BiLSTM (Tang et al. 2019) distilled from the same teacher
+    RNN/LSTM/CNN baselines on hard labels;  TF-IDF + logistic regression (scikit-learn)
+    TKD-NLP INT8 the T=1 seed-0 student after `tkd_core.quantize_model`
+
+Every job has its own run directory in --out. The study is resumable: a run whose summary.json
+says finished is reused; a run with a checkpoint but no finished summary continues with
+--resume; the rest start fresh. Jobs run as subprocesses, --jobs at a time with --threads each
+(two 1-thread jobs use two cores better than one 2-thread job for models this small); the
+distilled students wait for the teacher. Then every model is evaluated on dev (accuracy, F1),
+sized (parameters, bytes of its saved state_dict in fp32 and after INT8 quantization) and timed
+on CPU (median of repeated forwards, batch 1 and 32, sequence length 64, --latency-threads
+threads, nothing else of the study running). Outputs in --out: report.md, results.json,
+accuracy_vs_latency.png, accuracy_vs_size.png; each run's train.log beside its checkpoint.
+"""
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+import torch
+
+from .. import data as gdata
+from .jobs import Invocations, Task, record_attempt, run_in_process, run_state, run_tasks
+from .measurements import hardware, measure
+from .plan import TEACHER_SET, make_plan, train_argv
+from .report import write_plots, write_report
+from .stats import aggregate, targets
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tkd_core.study",
+                                description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--task", default="sst2", help=f"one of {list(gdata.TASKS)} (single-sentence, 2 labels)")
+    a("--data-dir", default=None, help="GLUE task directory (train.tsv, dev.tsv)")
+    a("--out", default=None, help="study directory (default: runs/<task>)")
+    a("--jobs", type=int, default=2, help="training jobs at once, as subprocesses (0: one after "
+      "the other inside this process)")
+    a("--threads", type=int, default=1, help="CPU threads per training job")
+    a("--latency-threads", type=int, default=0, help="threads for the latency runs "
+      "(0: every core)")
+    a("--latency-reps", type=int, default=100, help="timed forwards per latency (median)")
+    a("--latency-rounds", type=int, default=3, help="rounds over all the models (interleaved, "
+      "so that a slow spell of the machine does not land on one model); the latency is the "
+      "median of the rounds' medians")
+    a("--teacher-preset", default="cpu-teacher")
+    a("--teacher-set", nargs="*", default=list(TEACHER_SET), metavar="KEY=VALUE",
+      help="ModelConfig overrides of the teacher (the trainer's --set)")
+    a("--student-preset", default="cpu-student-2")
+    a("--student-set", nargs="*", default=[], metavar="KEY=VALUE",
+      help="ModelConfig overrides of the Transformer students")
+    a("--baseline-prefix", default="cpu", help="presets <prefix>-{bilstm,rnn,lstm,cnn}")
+    a("--teacher-epochs", type=float, default=1)
+    a("--student-epochs", type=float, default=3, help="TKD-NLP, T-NLP, KD-BiLSTM")
+    a("--baseline-epochs", type=float, default=3, help="RNN, LSTM, CNN")
+    a("--teacher-lr", type=float, default=5e-4)
+    a("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a("--baseline-seeds", type=int, default=1, help="how many of --seeds the RNN/LSTM/CNN use")
+    a("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    a("--alpha", type=float, default=0.5)
+    a("--batch-size", type=int, default=64)
+    a("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+      help="length-grouped batches (SST-2: 1.05x padded/real tokens instead of 3.4x)")
+    a("--max-len", type=int, default=64)
+    a("--vocab-size", type=int, default=8000)
+    a("--save-every", type=int, default=200, help="checkpoint every N steps (resumability)")
+    a("--max-train-examples", type=int, default=0, help="a slice (tests, --estimate)")
+    a("--max-dev-examples", type=int, default=0)
+    a("--publish", default=None, metavar="DIR", help="also copy report.md, results.json and "
+      "the plots there (e.g. docs/results/sst2)")
+    a("--estimate", type=int, default=0, metavar="N", help="time every job for one epoch on N "
+      "training examples (in <out>/estimate) and project the full study's wall time")
+    args = p.parse_args(argv)
+    spec = gdata.get_task(args.task)
+    if spec.is_pair or spec.num_labels != 2:
+        raise ValueError(f"the study runs single-sentence binary tasks (sst2, synthetic); "
+                         f"{spec.name} is not one")
+    if args.jobs < 0:
+        raise ValueError(f"--jobs must be >= 0, got {args.jobs}")
+    for name in ("threads", "latency_reps", "latency_rounds", "batch_size", "max_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 1 <= args.baseline_seeds <= len(args.seeds):
+        raise ValueError(f"--baseline-seeds must be in [1, {len(args.seeds)}] (the number of "
+                         f"--seeds), got {args.baseline_seeds}")
+    if 1.0 not in args.temperatures:
+        raise ValueError("--temperatures must include 1 (the paper's recipe: the TKD-NLP row)")
+    args.out = args.out or os.path.join("runs", spec.name)
+    args.latency_threads = args.latency_threads or os.cpu_count() or 1
+    return args
+
+
+def prepare(a):
+    """(spec, train examples, dev examples, tokenizer path): the shared WordPiece, made once."""
+    spec, train, dev = gdata.load_task(a.task, a.data_dir, a.max_train_examples,
+                                       a.max_dev_examples)
+    tok_dir = os.path.join(a.out, "tokenizer")
+    path = os.path.join(tok_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        tok = gdata.train_tokenizer(gdata.texts(train), a.vocab_size)
+        gdata.save_tokenizer(tok, tok_dir)
+    return spec, train, dev, path
+
+
+def train_all(a, plan, tokenizer, train, dev, spec, tick=lambda: None) -> dict:
+    """Trains what is not done yet; returns job name -> 'ok' | 'failed' | 'skipped'."""
+    tasks, status = [], {}
+    for job in plan:
+        run_dir = os.path.join(a.out, job.name)
+        if job.mode == "tfidf":
+            continue
+        state = run_state(run_dir)
+        if state == "done":
+            status[job.name] = "ok"
+            print(f"[study] {job.name}: done, reused", flush=True)
+            continue
+        argv = [sys.executable, "-m", "tkd_core.train"] + train_argv(job, a, tokenizer)
+        if state == "partial":
+            argv.append("--resume")
+        print(f"[study] {job.name}: {'resuming' if state == 'partial' else 'queued'}", flush=True)
+        deps = ("teacher",) if job.needs_teacher and "teacher" not in status else ()
+        tasks.append(Task(job.name, argv, os.path.join(run_dir, "train.log"), deps,
+                          on_done=lambda ok, w, c, d=run_dir, r=state == "partial":
+                          (record_attempt(d, w, c, r, ok), tick(),
+                           print(f"[study] {os.path.basename(d)}: {'done' if ok else 'failed'} "
+                                 f"in {w:.0f} s", flush=True))))
+    os.makedirs(a.out, exist_ok=True)
+    if tasks:
+        status.update(run_tasks(tasks, a.jobs) if a.jobs else run_in_process(tasks))
+    return status
+
+
+def study_config(a, plan, runs, tokenizer) -> dict:
+    """The configurations table: each group's model and schedule as its first measured run
+    recorded them (the checkpoint's config and trainer arguments), not as the current command
+    line would build them."""
+    from tokenizers import Tokenizer
+    models, first = {}, {}
+    for r in runs:
+        if r.get("config") and r.get("train_args"):
+            first.setdefault(r["group"], r)
+    for job in plan:
+        if job.mode == "tfidf" or job.group in models:
+            continue
+        r = first.get(job.group)
+        c, t = (r["config"], r["train_args"]) if r else ({}, {})
+        models[job.group] = dict(mode=job.mode, arch=c.get("arch", job.arch), preset=job.preset,
+                                 overrides=list(job.overrides), pre_ln=c.get("pre_ln"),
+                                 num_layers=c.get("num_layers"), hidden_size=c.get("hidden_size"),
+                                 ffn_size=c.get("ffn_size"), epochs=t.get("epochs"),
+                                 lr=t.get("lr"),
+                                 temperature=f"{t['temperature']:g}" if job.needs_teacher and t
+                                 else "-",
+                                 seeds=[j.seed for j in plan if j.group == job.group])
+    return dict(models=models, epochs=dict(teacher=a.teacher_epochs, student=a.student_epochs,
+                                           baseline=a.baseline_epochs),
+                temperatures=a.temperatures, seeds=a.seeds, alpha=a.alpha,
+                batch_size=a.batch_size, max_len=a.max_len,
+                vocab_size=Tokenizer.from_file(tokenizer).get_vocab_size(),
+                latency_reps=a.latency_reps, latency_rounds=a.latency_rounds,
+                max_train_examples=a.max_train_examples,
+                max_dev_examples=a.max_dev_examples)
+
+
+def command_line(argv) -> str:
+    return "python -m tkd_core.study " + shlex.join(argv)
+
+
+def run_study(a, argv) -> dict:
+    t0 = time.perf_counter()
+    os.makedirs(a.out, exist_ok=True)
+    clock = Invocations(a.out, command_line(argv))
+    spec, train, dev, tokenizer = prepare(a)
+    plan = make_plan(a)
+    status = train_all(a, plan, tokenizer, train, dev, spec, tick=clock.tick)
+    threads = torch.get_num_threads()
+    try:
+        runs = measure(a, plan, status, spec, train, dev, tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+    groups = aggregate(runs)
+    res = dict(task=spec.name, command=command_line(argv), n_train=len(train), n_dev=len(dev),
+               hardware=hardware(a), config=study_config(a, plan, runs, tokenizer), runs=runs,
+               groups=groups, failed=[n for n, s in status.items() if s != "ok"])
+    q = next((r for r in runs if r["group"] == "int8"), None)
+    if q is not None:
+        groups["int8"]["fp32_accuracy"] = q.get("fp32_accuracy")
+        groups["int8"]["note"] = q.get("note")
+    res["targets"] = targets(groups)
+    res["wall_s"] = time.perf_counter() - t0
+    clock.tick(completed=True)
+    res["invocations"], res["total_wall_s"] = clock.runs, clock.total_s
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    write_report(os.path.join(a.out, "report.md"), res)
+    res["plots"] = write_plots(a.out, groups)
+    print(f"[study] wrote {a.out}/report.md, results.json and plots in "
+          f"{res['wall_s'] / 60:.1f} min", flush=True)
+    if a.publish:
+        import shutil
+        os.makedirs(a.publish, exist_ok=True)
+        for name in ("report.md", "results.json", *map(os.path.basename, res["plots"])):
+            shutil.copy2(os.path.join(a.out, name), os.path.join(a.publish, name))
+        print(f"[study] copied them to {a.publish}", flush=True)
+    return res
