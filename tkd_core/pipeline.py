@@ -48,7 +48,7 @@ def pipeline(args) -> int:
         a = argparse.Namespace(**dict(vars(args), **SCHEDULE[name], mode=mode, preset=preset,
                                       out=os.path.join(root, name), resume=resume, **extra))
         a.epochs = epochs or a.epochs
-        a.lr = args.lr or a.lr
+        a.lr = a.lr if args.lr is None else args.lr
         return a
 
     t = train(stage("teacher", "teacher", args.teacher_preset, args.teacher_epochs), tag="teacher")

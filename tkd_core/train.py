@@ -43,7 +43,9 @@ from .checkpoint import (CHECKPOINT, clean_state_dict, export_safetensors, load_
 from .distill import Distiller, HardLabel, LogitsKD, all_teacher_logits, load_teacher
 from .measure import cpu_threads, evaluate, format_table, param_count, size_bytes
 from .model import ModelConfig, build_model
-from .train_args import DEFAULT_LR, DEFAULT_PRESET, parse_args, parse_override
+from .rundir import RunDir
+from .train_args import (DEFAULT_LR, DEFAULT_PRESET, check_resume, parse_args, parse_override,
+                         recorded)
 
 
 class TrainingDiverged(RuntimeError):
@@ -55,12 +57,14 @@ class TrainingDiverged(RuntimeError):
 
 def setup_distributed(args):
     """(rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA, else gloo."""
-    want_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    want_cuda = args.device.startswith("cuda") or (args.device == "auto"
+                                                    and torch.cuda.is_available())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if want_cuda:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+    if want_cuda:  # cuda:N names the device of a one-process run; torchrun: the local rank
+        index = int(args.device.split(":")[1]) if ":" in args.device else local
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
@@ -126,7 +130,7 @@ def make_optimizer(model, args, device, total_steps):
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=args.lr or DEFAULT_LR,
+    opt = torch.optim.AdamW(groups, lr=DEFAULT_LR if args.lr is None else args.lr,
                             fused=True if device.type == "cuda" else None)
     warm = warmup_steps(args, total_steps)
 
@@ -135,22 +139,6 @@ def make_optimizer(model, args, device, total_steps):
             return (step + 1) / (warm + 1)
         return max(0.0, (total_steps - step) / max(1, total_steps - warm))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-
-
-class Logger:
-    """JSONL log (rank 0): one line per step and per evaluation."""
-
-    def __init__(self, path, enabled, append):
-        self.f = open(path, "a" if append else "w") if enabled else None
-
-    def __call__(self, **rec):
-        if self.f:
-            self.f.write(json.dumps(rec) + "\n")
-            self.f.flush()
-
-    def close(self):
-        if self.f:
-            self.f.close()
 
 
 # ----------------------------------------------------------------------------- train state
@@ -180,9 +168,7 @@ class TrainState:
                 "scaler": self.scaler.state_dict(), "rng": rngs, "step": self.step,
                 "epoch": self.epoch, "batch_in_epoch": self.pos, "skipped_steps": self.skipped,
                 "config": cfg.to_dict(), "task": spec.name, "tokenizer": tok.to_str(),
-                "metrics": self.last_eval,
-                "args": {k: v for k, v in vars(args).items()
-                         if isinstance(v, (int, float, str)) or v is None}}
+                "metrics": self.last_eval, "args": recorded(args)}
 
     def load(self, ck, rank, world):
         unwrap(self.model).load_state_dict(ck["model"])
@@ -262,11 +248,35 @@ def train(args, tag=None):
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size "
                          f"{world} (it is the global batch)")
     out = args.out or os.path.join("runs", f"{args.mode}-{args.task}")
+    rd = RunDir(out, resume=bool(args.resume), overwrite=args.overwrite, enabled=main)
+    err = None
+    if main:  # rank 0 owns the directory: lock it, refuse to clobber a run in it
+        try:
+            rd.acquire()
+        except RuntimeError as e:
+            err = str(e)
+    if world > 1:  # every rank stops with rank 0's reason, none waits for it
+        msg = [err]
+        dist.broadcast_object_list(msg, src=0)
+        err = msg[0]
+    if err:
+        raise RuntimeError(err)
+    try:
+        return _train(args, tag, rank, world, device, out, rd)
+    finally:
+        rd.release()
+
+
+def _train(args, tag, rank, world, device, out, rd):
+    main = rank == 0
     os.makedirs(out, exist_ok=True)
     ck_path = os.path.join(out, CHECKPOINT)
     resume = None
     if args.resume:
         resume = load_checkpoint(ck_path if args.resume == "auto" else args.resume)
+        for note in check_resume(args, resume.get("args", {})):
+            if main:
+                print(note, file=sys.stderr)
     teacher, teacher_ck = None, None
     if args.mode == "distill":
         if not args.teacher:
@@ -305,7 +315,7 @@ def train(args, tag=None):
                     torch.amp.GradScaler(device.type, enabled=use_scaler))
     if resume is not None:
         ts.load(resume, rank, world)
-    log = Logger(os.path.join(out, "log.jsonl"), main, append=resume is not None)
+    log = rd.log(ts.step if resume is not None else None)
     name = tag or args.mode
     if main:
         print(f"[{name}] {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
@@ -390,7 +400,7 @@ def train(args, tag=None):
                    skipped_steps=ts.skipped, params=param_count(raw), size_bytes=size_bytes(raw),
                    config=cfg.to_dict(), metrics=ts.last_eval, train_seconds=elapsed,
                    tokens_per_s=tokens_seen / elapsed if elapsed else 0.0,
-                   checkpoint=os.path.abspath(ck_path))
+                   checkpoint=os.path.abspath(ck_path), args=recorded(args))
     if main and args.mode == "teacher" and args.teacher_logits and ts.step >= total:
         all_teacher_logits(raw.eval(), train_items, args.teacher_logits, device,
                            lambda: autocast(device, amp_dtype))

@@ -1,4 +1,4 @@
-"""The command line of `python -m tkd_core.train`: its flags, their checks, and `--set` overrides.
+"""The command line of `python -m tkd_core.train`: its flags, their checks, `--set` overrides.
 
     args = parse_args(["--mode", "teacher", "--set", "pre_ln=true"])
     key, value = parse_override("hidden_dropout=0")     # typed as the ModelConfig field
@@ -56,10 +56,14 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=1.0)
     a("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
       help="auto: fp16 autocast + GradScaler on CUDA, fp32 on CPU")
-    a("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    a("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda")
     a("--threads", type=int, default=0,
       help="CPU threads (0: all cores, or 1 when the machine is busy)")
     a("--seed", type=int, default=0)
+    a("--overwrite", action="store_true", help="replace the run already in --out (its "
+      "checkpoint, model, summary and log are deleted first)")
+    a("--dist-timeout", type=float, default=300, help="seconds the ranks wait for each other "
+      "(rendezvous and collectives) before stopping with the missing ranks named")
     a("--out", default=None, help="run directory (default: runs/<mode>-<task>)")
     a("--resume", nargs="?", const="auto", default=None,
       help="continue from <out>/checkpoint.pt (or the given checkpoint)")
@@ -78,10 +82,63 @@ def parse_args(argv=None):
     a("--teacher-epochs", type=float, default=None, help="pipeline (default: CPU budget)")
     a("--student-epochs", type=float, default=None, help="pipeline (default: CPU budget)")
     args = p.parse_args(argv)
-    gdata.get_task(args.task)  # unknown task -> the valid ones, before any work
+    check_args(args)
+    return args
+
+
+# flag -> (lowest allowed, whether the lowest itself is allowed, what it means in words)
+_AT_LEAST = {
+    "lr": (0, False, "a positive learning rate"), "epochs": (0, False, "positive"),
+    "max_steps": (0, True, ">= 0 (0: from --epochs)"), "warmup": (0, True, ">= 0"),
+    "clip": (0, True, ">= 0 (0: off)"), "weight_decay": (0, True, ">= 0"),
+    "temperature": (0, False, "positive"), "batch_size": (1, True, ">= 1"),
+    "accum": (1, True, ">= 1"), "max_len": (3, True, ">= 3 ([CLS] x [SEP])"),
+    "vocab_size": (len(gdata.SPECIAL_TOKENS) + 1, True,
+                   f">= {len(gdata.SPECIAL_TOKENS) + 1} (the special tokens and one more)"),
+    "threads": (0, True, ">= 0 (0: automatic)"), "seed": (0, True, ">= 0"),
+    "eval_every": (0, True, ">= 0 (0: per epoch)"), "save_every": (0, True, ">= 0"),
+    "stop_at_step": (0, True, ">= 0 (0: never)"), "max_train_examples": (0, True, ">= 0"),
+    "max_dev_examples": (0, True, ">= 0"), "eval_batch_size": (1, True, ">= 1"),
+    "teacher_epochs": (0, False, "positive"), "student_epochs": (0, False, "positive"),
+    "dist_timeout": (0, False, "positive seconds"),
+}
+
+
+def check_args(args) -> None:
+    """Every flag in its valid range, before any work (ValueError naming the flag)."""
+    import math
+    gdata.get_task(args.task)  # unknown task -> the valid ones
+    for name, (low, inclusive, what) in _AT_LEAST.items():
+        v = getattr(args, name)
+        if v is None:  # not given: the default applies
+            continue
+        bad = (isinstance(v, float) and not math.isfinite(v)) or v < low or \
+            (v == low and not inclusive)
+        if bad:
+            raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {v}")
+    if not 0 <= args.alpha <= 1:
+        raise ValueError(f"--alpha must be in [0, 1] (the soft loss' weight), got {args.alpha}")
+    check_device(args.device)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run in "
+                         "--out, or replace it")
     for kv in args.set:
         parse_override(kv)
-    return args
+
+
+def check_device(device: str) -> None:
+    """auto | cpu | cuda | cuda:N, and CUDA only where there is a CUDA device."""
+    import re
+    import torch
+    if device in ("auto", "cpu"):
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", device or ""):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device (torch "
+                         f"{torch.__version__}); use --device cpu or auto")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
 
 
 def parse_override(kv: str):
@@ -92,7 +149,59 @@ def parse_override(kv: str):
     fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
     if k not in fields:
         raise ValueError(f"--set: unknown ModelConfig key {k!r}; valid: {sorted(fields)}")
+    if k in _FROM_DATA:
+        raise ValueError(f"--set {k}: {_FROM_DATA[k]}; it cannot be set")
     default = getattr(ModelConfig(), k)
     if isinstance(default, bool):
-        return k, v.lower() in ("1", "true", "yes", "on")
-    return k, type(default)(v)
+        if v.lower() not in _BOOLS:
+            raise ValueError(f"--set {k}={v}: expected true/false (or 1/0, yes/no, on/off)")
+        return k, _BOOLS[v.lower()]
+    try:
+        return k, type(default)(v)
+    except ValueError:
+        raise ValueError(f"--set {k}={v}: expected a {type(default).__name__} "
+                         f"(like the default {default!r})") from None
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}
+_FROM_DATA = {"num_labels": "the label count comes from the task (--task)",
+              "vocab_size": "the vocabulary size comes from the tokenizer (--vocab or "
+                            "--vocab-size)"}
+
+
+# Settings a resumed run must keep: they decide the model, the data and its order (the saved
+# data position and RNG states only make sense for the same ones).
+RESUME_FIXED = ("mode", "task", "batch_size", "accum", "max_len", "max_train_examples",
+                "group_by_length", "seed", "preset", "arch", "set", "vocab_size")
+# Restored from the optimizer's saved state, so a new value would be silently ignored.
+RESUME_IGNORED = ("lr", "weight_decay")
+# Read afresh from the command line on resume (the schedule's length, clipping, the KD mix...).
+RESUME_APPLIED = ("epochs", "max_steps", "warmup", "clip", "alpha", "temperature", "precision")
+
+
+def recorded(args) -> dict:
+    """The settings a checkpoint and summary.json record: plain values and the --set list."""
+    return {k: v for k, v in vars(args).items()
+            if isinstance(v, (int, float, str)) or v is None
+            or (isinstance(v, list) and all(isinstance(x, str) for x in v))}
+
+
+def check_resume(args, saved: dict) -> list:
+    """Compare this command's settings with those `saved` in the checkpoint. Raises ValueError
+    listing every fixed setting that differs; returns notes on the others (ignored ones named
+    loudly, applied ones said)."""
+    now = recorded(args)
+    diff = lambda keys: [k for k in keys if k in saved and k in now  # noqa: E731
+                         and saved[k] != now[k]]
+    fixed = diff(RESUME_FIXED)
+    if fixed:
+        raise ValueError(
+            "--resume with settings that cannot change: " + "; ".join(
+                f"--{k.replace('_', '-')} was {saved[k]!r}, now {now[k]!r}" for k in fixed) +
+            ". Resume with the original settings, or start over with --overwrite.")
+    notes = [f"WARNING: --{k.replace('_', '-')} {now[k]!r} is ignored on resume: the optimizer "
+             f"state restores {saved[k]!r}" for k in diff(RESUME_IGNORED)]
+    notes += [f"note: --{k.replace('_', '-')} changed on resume ({saved[k]!r} -> {now[k]!r}); "
+              "the new value applies from here" for k in diff(RESUME_APPLIED)]
+    return notes

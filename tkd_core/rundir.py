@@ -1,0 +1,166 @@
+"""The run directory (--out) belongs to the user: one trainer at a time, no silent overwrite, a
+log that matches the checkpoint.
+
+    with RunDir(out, resume=..., overwrite=...) as rd:   # lock; refuse a finished/partial run
+        log = rd.log(resume_step)                        # log.jsonl, cut back to the checkpoint
+
+- Lock: `<out>/.lock` holds the owner's pid and host, created exclusively; released on exit. A
+  lock whose pid is dead on this host is stale and taken over (a `kill -9` leaves one behind).
+- Guard: a directory that holds a run (checkpoint, summary, model or log) is refused unless the
+  command says `--resume` (continue it) or `--overwrite` (delete the run's files first, so that
+  no summary or model of the old run stays beside the new run's checkpoint).
+- Log: on resume, `log.jsonl` keeps only the records up to the checkpoint's step, so the steps
+  replayed after a kill are logged once.
+"""
+import json
+import os
+import socket
+import time
+from typing import Optional
+
+LOCK = ".lock"
+RUN_FILES = ("checkpoint.pt", "summary.json", "model.safetensors", "log.jsonl")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunDir:
+    def __init__(self, out: str, resume: bool = False, overwrite: bool = False,
+                 enabled: bool = True):
+        """enabled: False on every rank but 0 (rank 0 owns the directory)."""
+        self.out, self.resume, self.overwrite, self.enabled = out, resume, overwrite, enabled
+        self.lock_path = os.path.join(out, LOCK)
+        self._locked = False
+
+    # -------------------------------------------------------------------------------- lock
+    def acquire(self) -> "RunDir":
+        if not self.enabled:
+            return self
+        os.makedirs(self.out, exist_ok=True)
+        me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.time())
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None or self._stale(owner):
+                    self._remove_lock()  # a dead trainer's (or unreadable) lock: take it over
+                    continue
+                raise RuntimeError(
+                    f"--out {self.out} is in use by another trainer (pid {owner.get('pid')} on "
+                    f"{owner.get('host')}, lock file {self.lock_path}); wait for it to finish or "
+                    "choose another --out. If no such process exists, delete the lock file.")
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._locked = True
+            self._guard()
+            return self
+        raise RuntimeError(f"could not take the lock {self.lock_path} (it keeps reappearing)")
+
+    def _owner(self) -> Optional[dict]:
+        try:
+            with open(self.lock_path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _stale(owner: dict) -> bool:
+        if not owner:  # vanished between open and read: try again
+            return True
+        return owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1)))
+
+    def _remove_lock(self):
+        try:
+            os.remove(self.lock_path)
+        except FileNotFoundError:
+            pass
+
+    def release(self) -> None:
+        if self._locked:
+            owner = self._owner() or {}
+            if owner.get("pid") == os.getpid():
+                self._remove_lock()
+            self._locked = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+    # ------------------------------------------------------------------------------- guard
+    def existing(self) -> list:
+        return [f for f in RUN_FILES if os.path.exists(os.path.join(self.out, f))]
+
+    def _guard(self) -> None:
+        found = self.existing()
+        if not found or self.resume:
+            return
+        if self.overwrite:
+            for f in found + [f for f in os.listdir(self.out) if f.startswith("trace_rank")]:
+                os.remove(os.path.join(self.out, f))
+            return
+        what = "a finished run" if _finished(self.out) else "a run"
+        raise RuntimeError(
+            f"--out {self.out} already holds {what} ({', '.join(found)}); pass --resume to "
+            "continue it, --overwrite to replace it, or choose another --out")
+
+    # --------------------------------------------------------------------------------- log
+    def log(self, resume_step: Optional[int] = None) -> "Logger":
+        """The JSONL log; on resume, cut back to the records of steps <= resume_step."""
+        path = os.path.join(self.out, "log.jsonl")
+        if self.enabled and resume_step is not None and os.path.exists(path):
+            truncate_log(path, resume_step)
+        return Logger(path, self.enabled, append=resume_step is not None)
+
+
+def _finished(out: str) -> bool:
+    try:
+        with open(os.path.join(out, "summary.json")) as f:
+            return bool(json.load(f).get("finished"))
+    except (OSError, ValueError):
+        return False
+
+
+def truncate_log(path: str, step: int) -> None:
+    """Keep the records of steps <= step (and unparseable tails dropped), atomically."""
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by a kill
+                continue
+            if rec.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+class Logger:
+    """JSONL log (rank 0): one line per step and per evaluation."""
+
+    def __init__(self, path, enabled, append):
+        self.f = open(path, "a" if append else "w") if enabled else None
+
+    def __call__(self, **rec):
+        if self.f:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+
+    def close(self):
+        if self.f:
+            self.f.close()
