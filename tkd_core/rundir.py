@@ -61,7 +61,11 @@ class RunDir:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self._locked = True
-            self._guard()
+            try:
+                self._guard()
+            except BaseException:
+                self.release()
+                raise
             return self
         raise RuntimeError(f"could not take the lock {self.lock_path} (it keeps reappearing)")
 

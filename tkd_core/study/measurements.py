@@ -116,6 +116,9 @@ def measure(a, plan, status, spec, train, dev, tokenizer) -> List[dict]:
             runs.append(row)
             continue
         model, ck = load_model(run_dir)
+        ran = ck.get("args", {})  # the run's own record, not this command line
+        row.update(epochs=ran.get("epochs", job.epochs),
+                   temperature=ran.get("temperature", job.temperature))
         cfg = model.config
         row.update(config=cfg.to_dict(), train_args=ck.get("args", {}), params=param_count(model),
                    size_fp32=size_on_disk(model),
@@ -155,7 +158,7 @@ def measure(a, plan, status, spec, train, dev, tokenizer) -> List[dict]:
 
 def int8_row(job, q, why, dev_items, spec, fp32_row) -> dict:
     row = dict(name=f"{job.name}_int8", group="int8", label=GROUPS["int8"][0], mode="int8",
-               seed=job.seed, temperature=job.temperature, epochs=job.epochs,
+               seed=job.seed, temperature=fp32_row["temperature"], epochs=fp32_row["epochs"],
                fp32_accuracy=fp32_row["metrics"]["accuracy"])
     if q is None:
         row["note"] = f"INT8 path unavailable: {why}"

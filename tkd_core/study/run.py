@@ -80,6 +80,8 @@ def parse_args(argv=None):
     a("--max-dev-examples", type=int, default=0)
     a("--publish", default=None, metavar="DIR", help="also copy report.md, results.json and "
       "the plots there (e.g. docs/results/sst2)")
+    a("--retrain-changed", action="store_true", help="train afresh the jobs whose finished "
+      "or partial run in --out was made with other settings (default: stop and name them)")
     a("--estimate", type=int, default=0, metavar="N", help="time every job for one epoch on N "
       "training examples (in <out>/estimate) and project the full study's wall time")
     args = p.parse_args(argv)
@@ -114,22 +116,69 @@ def prepare(a):
     return spec, train, dev, path
 
 
+# Trainer settings that do not change what a run computes: a finished or partial run whose
+# recorded settings differ from its job's only in these is still that job's run.
+_NOT_COMPARED = {"out", "resume", "overwrite", "no_progress", "threads", "save_every",
+                 "eval_every", "eval_batch_size", "profile", "stop_at_step", "device",
+                 "dist_timeout", "data_dir", "vocab", "teacher", "teacher_logits"}
+
+
+def changed_settings(job, a, tokenizer, run_dir, state) -> list:
+    """The settings (as `--flag was -> now`) in which the run in run_dir, as its summary or
+    checkpoint recorded them, differs from what the job asks for now."""
+    from .. import train
+    from ..checkpoint import load_checkpoint
+    from ..train_args import recorded
+    saved = {}
+    if state == "done":
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            saved = json.load(f).get("args") or {}
+    if not saved:  # a partial run, or a summary from before settings were recorded there
+        saved = load_checkpoint(os.path.join(run_dir, "checkpoint.pt")).get("args", {})
+    want = recorded(train.parse_args(train_argv(job, a, tokenizer)))
+    return [f"--{k.replace('_', '-')} was {saved[k]!r}, now {want[k]!r}" for k in sorted(want)
+            if k not in _NOT_COMPARED and k in saved and saved[k] != want[k]]
+
+
 def train_all(a, plan, tokenizer, train, dev, spec, tick=lambda: None) -> dict:
-    """Trains what is not done yet; returns job name -> 'ok' | 'failed' | 'skipped'."""
-    tasks, status = [], {}
+    """Trains what is not done yet; returns job name -> 'ok' | 'failed' | 'skipped'.
+
+    A finished run is reused, and a partial one resumed, only when its recorded settings are the
+    job's; otherwise the study stops and names the differences before training anything, or
+    with --retrain-changed trains those jobs afresh (--overwrite). Students of a teacher that is
+    trained in this invocation are trained afresh too."""
+    tasks, status, changed, fresh = [], {}, [], set()
+    states = {}
     for job in plan:
-        run_dir = os.path.join(a.out, job.name)
         if job.mode == "tfidf":
             continue
+        run_dir = os.path.join(a.out, job.name)
         state = run_state(run_dir)
+        diff = changed_settings(job, a, tokenizer, run_dir, state) if state != "new" else []
+        teacher_fresh = job.needs_teacher and "teacher" in fresh
+        if diff and not a.retrain_changed:
+            changed.append(f"{job.name}: " + "; ".join(diff))
+        if (diff and a.retrain_changed) or (teacher_fresh and state != "new"):
+            state = "stale"
+        if state != "done":
+            fresh.add(job.name)
+        states[job.name] = state
+    if changed:
+        raise ValueError("runs in --out were made with other settings than this command's:\n  "
+                         + "\n  ".join(changed) + "\nRun the original command, use another "
+                         "--out, or pass --retrain-changed to train these jobs afresh.")
+    for job in plan:
+        if job.mode == "tfidf":
+            continue
+        run_dir, state = os.path.join(a.out, job.name), states[job.name]
         if state == "done":
             status[job.name] = "ok"
             print(f"[study] {job.name}: done, reused", flush=True)
             continue
         argv = [sys.executable, "-m", "tkd_core.train"] + train_argv(job, a, tokenizer)
-        if state == "partial":
-            argv.append("--resume")
-        print(f"[study] {job.name}: {'resuming' if state == 'partial' else 'queued'}", flush=True)
+        argv += {"partial": ["--resume"], "stale": ["--overwrite"]}.get(state, [])
+        print(f"[study] {job.name}: " + {"partial": "resuming", "stale": "retraining (settings "
+              "or teacher changed)"}.get(state, "queued"), flush=True)
         deps = ("teacher",) if job.needs_teacher and "teacher" not in status else ()
         tasks.append(Task(job.name, argv, os.path.join(run_dir, "train.log"), deps,
                           on_done=lambda ok, w, c, d=run_dir, r=state == "partial":
