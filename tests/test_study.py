@@ -266,3 +266,25 @@ def test_report_survives_failed_jobs(tmp_path):
     assert "## Failed jobs" in text and "teacher/train.log" in text
     assert [t["met"] for t in res["targets"]] == [None, None, None, None]
     assert len(report.write_plots(str(tmp_path), groups)) == 2
+
+
+def test_changed_settings_are_not_reused(tiny_study, reference_backend):
+    """Issue 'nothing silently wrong' item 6: a finished run is reused only when its recorded
+    settings match the job's; otherwise the study names the differences before training, or
+    retrains those jobs with --retrain-changed, and the report reads each row's epochs from the
+    run itself."""
+    out, argv, _ = tiny_study
+    changed = list(argv)
+    i = changed.index("--student-epochs")
+    changed[i + 1] = "2"
+    with pytest.raises(ValueError) as e:
+        run.run_study(run.parse_args(changed), changed)
+    msg = str(e.value)
+    assert "tkd_T1_s0: --epochs was 1.0, now 2.0" in msg and "--retrain-changed" in msg
+    assert "teacher:" not in msg and "rnn_s0" not in msg  # unchanged jobs are not named
+    assert study_main(changed) == 1
+    res = run.run_study(run.parse_args(changed + ["--retrain-changed"]), changed)
+    rows = {r["name"]: r for r in res["runs"]}
+    assert rows["tkd_T1_s0"]["epochs"] == 2.0 and rows["rnn_s0"]["epochs"] == 1.0
+    assert len(_attempts(out, "tkd_T1_s0")) == 2 and len(_attempts(out, "rnn_s0")) == 1
+    assert json.load(open(os.path.join(out, "tkd_T1_s0", "summary.json")))["args"]["epochs"] == 2
