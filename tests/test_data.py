@@ -295,3 +295,33 @@ def test_group_by_length_batches(world):
     assert padded(one) < 1.2 < 1.5 < padded(rand)
     assert batches(0, 0, 1) == one
     assert batches(1, 0, 1) != one
+
+
+def test_bom_and_crlf_are_read(tmp_path):
+    """The GLUE MRPC files as distributed start with a UTF-8 byte-order mark and may have CRLF
+    line ends: both are read as the plain file is."""
+    src = os.path.join(os.path.dirname(__file__), "fixtures", "glue", "MRPC")
+    plain = data.read_tsv(os.path.join(src, "train.tsv"), data.get_task("mrpc"))
+    raw = open(os.path.join(src, "train.tsv"), "rb").read()
+    d = tmp_path / "MRPC"
+    d.mkdir()
+    (d / "train.tsv").write_bytes(b"\xef\xbb\xbf" + raw.replace(b"\n", b"\r\n"))
+    (d / "dev.tsv").write_bytes(b"\xef\xbb\xbf" + open(os.path.join(src, "dev.tsv"), "rb").read())
+    got = data.read_tsv(str(d / "train.tsv"), data.get_task("mrpc"))
+    assert got == plain and len(got) > 0
+    spec, train, dev = data.load_task("mrpc", str(d))
+    assert train == plain and len(dev) > 0
+
+
+def test_header_only_and_bad_bytes_name_file_and_line(tmp_path):
+    spec = data.get_task("sst2")
+    p = tmp_path / "train.tsv"
+    p.write_text("sentence\tlabel\n")
+    with pytest.raises(ValueError, match=r"train.tsv: no examples \(only a header line\)"):
+        data.read_tsv(str(p), spec)
+    p.write_text("")
+    with pytest.raises(ValueError, match="no examples"):
+        data.read_tsv(str(p), spec)
+    p.write_bytes(b"sentence\tlabel\ngood\t1\nbad \xff\xfe here\t0\n")
+    with pytest.raises(ValueError, match=r"train.tsv:3: not UTF-8 text \(byte 0xff at column 5"):
+        data.read_tsv(str(p), spec)

@@ -212,3 +212,18 @@ def test_kill_refuse_resume_end_to_end(tmp_path, vocab):
     assert all(torch.equal(wa[k], wb[k]) for k in wa), f"killed at step ~{kill_at}"
     steps = [x["step"] for x in read_log(b) if x["type"] == "step"]
     assert steps == list(range(1, 41)), f"killed at step ~{kill_at}"
+
+
+# -- item 9: a corrupt teacher-logits cache is recomputed -------------------------------------
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage" * 50, b"PK\x03\x04truncated"])
+def test_corrupt_teacher_logits_cache_is_recomputed(tmp_path, vocab, reference_backend, content,
+                                                    capsys):
+    t, cache = tmp_path / "t", tmp_path / "logits.pt"
+    assert train.main(["--mode", "teacher", "--max-steps", "1"] + tiny_args(vocab, t)) == 0
+    cache.write_bytes(content)
+    assert train.main(["--mode", "distill", "--teacher", str(t / "checkpoint.pt"),
+                       "--max-steps", "1", "--teacher-logits", str(cache)]
+                      + tiny_args(vocab, tmp_path / "s")) == 0
+    assert "unreadable" in capsys.readouterr().out
+    assert torch.load(cache, weights_only=True)["logits"].shape == (96, 2)

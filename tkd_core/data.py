@@ -99,8 +99,9 @@ def read_tsv(path: str, spec: TaskSpec) -> List[Example]:
         raise FileNotFoundError(f"{spec.name}: expected the file {path} (GLUE layout: "
                                 f"train.tsv and {spec.dev_file})")
     out = []
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = f.read().split("\n")
+    lines = _read_text(path).split("\n")
+    if not any(line.strip() for line in lines):
+        raise ValueError(f"{path}: no examples (empty file)")
     cols = {}
     start = 0
     if spec.header:
@@ -127,7 +128,24 @@ def read_tsv(path: str, spec: TaskSpec) -> List[Example]:
         out.append(Example(fields[idx[spec.text_a]].strip(),
                            fields[idx[spec.text_b]].strip() if spec.text_b is not None else None,
                            _parse_label(spec, raw, f"{path}:{lineno}")))
+    if not out:
+        raise ValueError(f"{path}: no examples" + (" (only a header line)" if spec.header
+                                                    else ""))
     return out
+
+
+def _read_text(path: str) -> str:
+    """The file as text: UTF-8, a leading byte-order mark dropped (the GLUE MRPC files start
+    with one), CRLF line ends left for the caller's rstrip. Bad bytes: an error naming the line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                         f"{col}); save the file as UTF-8") from None
 
 
 def _parse_label(spec: TaskSpec, raw: str, where: str):

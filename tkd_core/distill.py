@@ -153,10 +153,17 @@ def all_teacher_logits(teacher: nn.Module, items: Sequence, path: str, device,
     and written there atomically."""
     fp = logits_fingerprint(teacher, items)
     if os.path.isfile(path):
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        if ck.get("fingerprint") == fp:
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            ok = isinstance(ck, dict) and ck.get("fingerprint") == fp and \
+                torch.is_tensor(ck.get("logits")) and ck["logits"].shape[0] == len(items)
+        except Exception as e:  # truncated, random bytes, not a torch file
+            print(f"note: {path} is unreadable ({type(e).__name__}); recomputing it")
+            ok, ck = False, None
+        if ok:
             return ck["logits"]
-        print(f"note: {path} was made by another teacher or data; recomputing it")
+        if ck is not None:
+            print(f"note: {path} was made by another teacher or data; recomputing it")
     was_training = teacher.training
     teacher.eval()
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
