@@ -1,11 +1,11 @@
-"""Non-Transformer students (tkd_core.baselines): registry, padding invariance, gradients,
-bad inputs, and that each one learns a small task."""
+"""Non-Transformer students (tkd_core.models.baselines): registry, padding invariance, gradients,
+bad inputs, old checkpoints' configs, and that each one learns a small task."""
 import pytest
 import torch
 
 from helpers import assert_close
-from tkd_core import baselines
-from tkd_core.model import ARCHS, PRESETS, ModelConfig, build_model, param_count
+from tkd_core.measure import param_count
+from tkd_core.models import ARCHS, PRESETS, ModelConfig, baselines, build_model
 
 ARCH_NAMES = ("bilstm", "rnn", "lstm", "cnn")
 V = 50
@@ -102,6 +102,36 @@ def test_bad_inputs_name_the_argument():
         tiny("cnn", num_layers=2)
     with pytest.raises(ValueError, match="unknown arch"):
         build_model(ModelConfig(arch="gru"))
+
+
+# ModelConfig.to_dict() of a bilstm / cnn checkpoint written before rnn_size / cnn_maps existed
+# (their widths were in ffn_size, num_heads was 1)
+OLD_KEYS = dict(vocab_size=V, hidden_size=16, num_layers=1, num_heads=1, max_positions=128,
+                type_vocab_size=2, hidden_dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12,
+                pre_ln=False, num_labels=2, initializer_range=0.02, pooling="cls",
+                positions="learned")
+
+
+@pytest.mark.parametrize("arch,field", [("bilstm", "rnn_size"), ("rnn", "rnn_size"),
+                                        ("lstm", "rnn_size"), ("cnn", "cnn_maps")])
+def test_old_checkpoint_configs_load(arch, field):
+    """An old config dict (width in ffn_size) maps to the baseline's own field, and the old
+    checkpoint's tensors load into the model it builds; a new dict is taken as written."""
+    width = 12  # neither field's default
+    old = dict(OLD_KEYS, arch=arch, ffn_size=width)
+    cfg = ModelConfig.from_dict(old)
+    assert getattr(cfg, field) == width
+    old_model = build_model(ModelConfig.from_dict(dict(old, **{field: width})))
+    model = build_model(cfg)
+    model.load_state_dict(old_model.state_dict())  # strict: same keys and shapes
+    ids = torch.randint(1, V, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), old_model.eval()(ids))
+    new = ModelConfig.from_dict(dict(cfg.to_dict(), ffn_size=99))
+    assert getattr(new, field) == width  # today's dicts carry the field: ffn_size is not read
+    # the Transformer's own ffn_size is never remapped
+    assert ModelConfig.from_dict(dict(OLD_KEYS, arch="transformer", ffn_size=width,
+                                      num_heads=2)).rnn_size == ModelConfig().rnn_size
 
 
 def test_all_padding_row_is_read_as_one_token():

@@ -4,16 +4,16 @@
     model = build_model(cfg)                                    # ARCHS["bilstm"]
     logits = model(input_ids, attention_mask, token_type_ids)   # (B, num_labels)
 
-Importing this module registers the four architectures in `tkd_core.model.ARCHS` and their
-CPU-sized presets in `tkd_core.model.PRESETS` (`tkd_core.model` imports it at its end), so
-`python -m tkd_core.train --arch bilstm --preset cpu-bilstm` trains one.
+`tkd_core.models` registers the four in its ARCHS; their CPU-sized presets (`cpu-bilstm`, ...)
+are in `tkd_core.models.config.PRESETS`, so `python -m tkd_core.train --preset cpu-bilstm` trains
+one.
 
 They share the Transformer's forward signature and its `ModelConfig`; the fields they read:
 
     vocab_size, type_vocab_size   word / token-type embeddings (the sum is the input vector)
     hidden_size                   E: embedding width
-    ffn_size                      H: recurrent state width per direction (RNN, LSTM, BiLSTM);
-                                  feature maps per filter width (CNN)
+    rnn_size                      H: recurrent state width per direction (RNN, LSTM, BiLSTM)
+    cnn_maps                      H: feature maps per filter width (CNN)
     num_layers                    stacked recurrent layers (CNN: must be 1, one conv layer)
     hidden_dropout                on the embeddings and on the classifier input
     num_labels, initializer_range
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from .model import ARCHS, PRESETS, ModelConfig
+from .config import ModelConfig
 
 KIM_WIDTHS = (3, 4, 5)  # CNN filter widths (Kim 2014)
 
@@ -104,7 +104,7 @@ class RecurrentClassifier(SequenceClassifier):
     bidirectional = False
 
     def __init__(self, cfg: ModelConfig):
-        H = cfg.ffn_size
+        H = cfg.rnn_size
         head = H if self.bidirectional else 0  # Tang et al.: a ReLU layer over [fwd; bwd]
         super().__init__(cfg, head or H)
         rnn = nn.LSTM if self.cell == "lstm" else nn.RNN
@@ -145,8 +145,8 @@ class CNNClassifier(SequenceClassifier):
         if cfg.num_layers != 1:
             raise ValueError(f"cnn has one convolution layer: num_layers must be 1, got "
                              f"{cfg.num_layers}")
-        super().__init__(cfg, cfg.ffn_size * len(KIM_WIDTHS))
-        self.convs = nn.ModuleList(nn.Conv1d(cfg.hidden_size, cfg.ffn_size, w)
+        super().__init__(cfg, cfg.cnn_maps * len(KIM_WIDTHS))
+        self.convs = nn.ModuleList(nn.Conv1d(cfg.hidden_size, cfg.cnn_maps, w)
                                    for w in KIM_WIDTHS)
         self._init()
 
@@ -170,17 +170,3 @@ class CNNClassifier(SequenceClassifier):
 
 BASELINES = {"bilstm": BiLSTMClassifier, "rnn": RNNClassifier, "lstm": LSTMClassifier,
              "cnn": CNNClassifier}
-ARCHS.update(BASELINES)
-
-# CPU-sized presets (E = hidden_size, H = ffn_size; num_heads is unused and only has to divide E)
-_BASE = dict(hidden_size=128, num_heads=1, max_positions=128, hidden_dropout=0.1)
-PRESETS.update({
-    "cpu-bilstm": dict(_BASE, arch="bilstm", ffn_size=128, num_layers=1),
-    "cpu-rnn": dict(_BASE, arch="rnn", ffn_size=128, num_layers=1),
-    "cpu-lstm": dict(_BASE, arch="lstm", ffn_size=128, num_layers=1),
-    "cpu-cnn": dict(_BASE, arch="cnn", ffn_size=100, num_layers=1, hidden_dropout=0.5),
-    "tiny-bilstm": dict(_BASE, arch="bilstm", hidden_size=16, ffn_size=16, num_layers=1),
-    "tiny-rnn": dict(_BASE, arch="rnn", hidden_size=16, ffn_size=16, num_layers=1),
-    "tiny-lstm": dict(_BASE, arch="lstm", hidden_size=16, ffn_size=16, num_layers=1),
-    "tiny-cnn": dict(_BASE, arch="cnn", hidden_size=16, ffn_size=8, num_layers=1),
-})
