@@ -1,21 +1,10 @@
 // Exact INT8 GEMM on the CPU: C (M, N) = A (M, K) @ B (N, K)^T, int8 in, int32 accumulate,
 // with a fused per-token x per-channel scale + bias epilogue (float32 out), and the fused per-token
-// activation quantizer that feeds it.
+// activation quantizer that feeds it. Design notes, the Zen 3 cost analysis and the measurements
+// behind the choices below: docs/int8_gemm_cpu.md.
 //
-// Exactness: we WIDEN to int16 and multiply with vpmaddwd (s16 x s16 -> s32 pair sums), never
-// vpmaddubsw. vpmaddubsw (u8 x s8 -> saturating s16 pair sums) saturates once two products in a
-// pair add up past 32767, e.g. fbgemm's u8 activation (a + 128 up to 255) times b = 127 twice.
-// vpmaddwd cannot saturate for int8-range inputs (|pair| <= 2 * 128 * 128 = 32768 << 2^31) and
-// the int32 accumulator is exact for K < 2^31 / 128^2 = 131072. On Zen 3 (no VNNI) both routes
-// cost two multiply-port uops per 32 MACs (vpmaddubsw + vpmaddwd-by-ones vs 2 x vpmaddwd), so the
-// widening route is as fast as the saturating one; the sign trick would add a vpsignb per product.
-// Widening is paid once: B is widened when it is packed (once per weight), A when it is packed
-// (once per call, fused into the activation quantizer for Int8Linear).
-// Cost on Zen 3, measured: vpmaddwd / vpmaddubsw issue on two pipes, vpaddd on about three; per
-// 32 MACs we issue 2 vpmaddwd + 2 vpaddd (4 vector ops) where fbgemm's inexact route issues
-// vpmaddubsw + vpmaddwd + vpaddd (3). The sign trick would also be 4 (vpsignb + the same 3), with
-// vpsignb competing for the multiply pipes. So an exact kernel here is bounded at about 3/4 of
-// fbgemm's int8 peak per core; without VNNI there is no 1-op exact int8 dot product.
+// Exactness: operands are WIDENED to int16 and multiplied with vpmaddwd (s16 x s16 -> s32 pair
+// sums), never the saturating vpmaddubsw; the int32 accumulator is exact for K < 131072.
 //
 // Layouts (int16 elements, K padded to an even Kp with zeros):
 //   packed B: panels of NR = 16 columns; panel j holds, for each k pair kp, 16 columns x 2 k:
@@ -29,12 +18,9 @@
 // (M, K) int16 copy of A) and runs them against every 16-column B panel (Kp * 32 bytes, L1/L2),
 // which is reused by mc / 6 micro-kernels. With few rows (M < threads * mc), or on one thread
 // while all of packed A is <= 8 MiB, A is prepared once and the B panels are split over threads
-// (each panel then sweeps all of A). The whole K is reduced in registers, so the epilogue runs on
-// registers: no int32 (M, N) tensor is written when a float output is asked for.
-// No kc (K) blocking: the micro-kernel is issue-bound, not load-bound. On 1 thread at M = 4096,
-// K = 256 (both panels in L1) runs at 125-130 GOP/s, the whole-K loop at K = 3072 (B panel 96 KiB
-// from L2) at 134-141; a kc = 256 / 512 split keeping the 6 x 16 int32 tile in a stack buffer
-// across kc blocks measured from equal to 4% slower than whole K.
+// (each panel then sweeps all of A). The whole K is reduced in registers (no kc blocking: the
+// micro-kernel is issue-bound), so the epilogue runs on registers: no int32 (M, N) tensor is
+// written when a float output is asked for.
 //
 // ISA: the AVX2 functions carry __attribute__((target("avx2,fma,f16c"))) and are chosen at run
 // time with __builtin_cpu_supports("avx2"); the scalar path is portable C++ (aarch64 included).
@@ -359,8 +345,8 @@ struct Scratch {  // per-thread buffers
 
 // Widen (kind 0) or quantize (kind 1) rows [r0, r1) of A into panels at dst (r0 % MR == 0).
 // Per row: widen into a contiguous int16 row (a sign-extending loop the compiler vectorizes),
-// then move its k pairs, one 32-bit word each, to their interleaved panel slots (kp * mr + r).
-// Per-element index arithmetic here cost ~10% of a 1-thread M = 4096, K = 3072 GEMM.
+// then move its k pairs, one 32-bit word each, to their interleaved panel slots (kp * mr + r),
+// which keeps per-element index arithmetic out of the loop.
 void prepare_rows(const ASource& src, int64_t M, int64_t K, int64_t r0, int64_t r1,
                   int16_t* dst, Scratch& sc, bool avx2) {
   const int64_t Kp = even(K);
@@ -391,11 +377,10 @@ void prepare_rows(const ASource& src, int64_t M, int64_t K, int64_t r0, int64_t 
   }
 }
 
-// Fresh outputs larger than glibc's mmap threshold (at most 32 MiB) arrive as untouched pages,
-// and faulting them in 4 KiB at a time inside the kernel cost 19% of a 1-thread M = 4096,
-// K = 768, N = 3072 GEMM (48 MiB of fp32 out: 123 GOP/s into a fresh tensor, 152 into a touched
-// one). Asking for transparent huge pages on the output's 2 MiB-aligned interior first makes
-// that 512x fewer faults (a no-op where THP is off, and for pages already touched).
+// Fresh outputs larger than glibc's mmap threshold arrive as untouched pages, faulted in 4 KiB at
+// a time inside the kernel. Asking for transparent huge pages on the output's 2 MiB-aligned
+// interior first makes that 512x fewer faults (a no-op where THP is off, and for pages already
+// touched).
 void advise_huge_pages(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t H = uintptr_t{2} << 20;
@@ -471,8 +456,7 @@ static void gemm(const ASource& src, const int16_t* Bp, int64_t M, int64_t N, in
   if (out_bytes >= (int64_t{8} << 20)) advise_huge_pages(out, out_bytes);
   const int64_t mc = block_rows(Kp);
   // One thread: row blocks only once all of packed A (swept again for every B panel by the
-  // few-rows path) is past 8 MiB, a measured threshold. Zen 3, 1 thread: M = 4096, K = 3072
-  // (24 MiB) ran 1.12-1.25x faster with row blocks; M = 4096, K = 768 (6 MiB) 0.95-1.03x.
+  // few-rows path) is past 8 MiB, a measured threshold (docs/int8_gemm_cpu.md).
   const bool big_a = M * Kp * 2 > (int64_t{8} << 20);
   if (M >= T * mc && (T > 1 || big_a)) {
     // Row split, one parallel region and no barrier: each thread prepares (widens or

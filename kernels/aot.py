@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-OPS = ("layernorm", "kd_loss", "attention")  # kernel modules that carry aot_specs()
+OPS = ("layer_norm", "kd_loss", "attention")  # kernel modules that carry aot_specs()
 TARGETS = (80, 90)  # compute capabilities: A100 (sm_80) and H100 (sm_90)
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block (bytes)
 

@@ -38,6 +38,7 @@ i * S_k + j. The seed is drawn from torch's generator (`dropout_seed`), outside 
 Head dims: D up to 128; the tile width BLOCK_D is the next power of two >= max(D, 16) and the
 extra columns are masked (zeros), so D = 40 runs as a padded 64.
 """
+import dataclasses
 import math
 from typing import Optional
 
@@ -56,9 +57,9 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2 e)
 _LN2 = tl.constexpr(0.6931471805599453)
 
 
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 # Kernels
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 
 @triton.jit
 def _dropout_keep(seed, bh, offs, dropout_p):
@@ -365,16 +366,24 @@ def _dropout_mask_kernel(
              keep.to(tl.uint8), mask=(rows < S_q)[:, None] & (cols < S_k)[None, :])
 
 
-# ----------------------------------------------------------------------------------------------
-# Launch configuration (one heuristic for the launchers and aot_specs)
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
+# Launchers: `config(...) -> Config` (the one heuristic), then tensor in, tensor out
+# ------------------------------------------------------------------------------------------
 
 def block_d(D: int) -> int:
     """Tile width of the head dim: a power of two >= 16 (tl.dot's minimum K)."""
     return max(16, utils.next_power_of_2(D))
 
 
-def launch_config(kind: str, D: int, dtype: torch.dtype) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_m: int     # query rows per tile
+    block_n: int     # key rows per tile (0 for "pre", which has no key loop)
+    num_warps: int
+    num_stages: int
+
+
+def config(kind: str, D: int, dtype: torch.dtype) -> Config:
     """Tile sizes, warps and stages per kernel kind ("fwd", "dkdv", "dq", "pre"), head-dim tile
     and dtype. Chosen so every configuration compiles with zero spills and fits the shared
     memory of sm_80 and sm_90 (checked by tests/test_aot.py): the Philox dropout and the masks
@@ -384,24 +393,31 @@ def launch_config(kind: str, D: int, dtype: torch.dtype) -> dict:
     warps = 4 if bd <= 32 else 8
     padded = D != bd  # masked head-dim columns cost registers (unvectorized loads/stores)
     if kind == "pre":
-        return dict(BLOCK_M=64, num_warps=4, num_stages=1)
+        return Config(64, 0, num_warps=4, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):
         if kind == "fwd":
-            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=warps, num_stages=3)
+            return Config(128, 64, num_warps=warps, num_stages=3)
         if kind == "dkdv":
-            return dict(BLOCK_M=32, BLOCK_N=32 if padded else 64, num_warps=warps, num_stages=2)
+            return Config(32, 32 if padded else 64, num_warps=warps, num_stages=2)
         if kind == "dq":
-            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4 if bd <= 64 and not padded else 8,
-                        num_stages=2)
+            return Config(64, 32, num_warps=4 if bd <= 64 and not padded else 8, num_stages=2)
     else:
         if kind == "fwd":
-            return dict(BLOCK_M=64 if bd <= 64 else 32, BLOCK_N=32, num_warps=8, num_stages=2)
+            return Config(64 if bd <= 64 else 32, 32, num_warps=8, num_stages=2)
         if kind == "dkdv":
-            return dict(BLOCK_M=32 if bd <= 64 else 16, BLOCK_N=32, num_warps=4 if bd <= 64 else 8,
-                        num_stages=1)
+            return Config(32 if bd <= 64 else 16, 32, num_warps=4 if bd <= 64 else 8,
+                          num_stages=1)
         if kind == "dq":
-            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if bd <= 64 else 8, num_stages=1)
+            return Config(32, 32, num_warps=4 if bd <= 64 else 8, num_stages=1)
     raise ValueError(f"unknown kernel kind {kind!r}")
+
+
+def _launch_kwargs(cfg: Config) -> dict:
+    """The tile constexprs and launch options of `cfg`, as the kernels' keyword arguments."""
+    kw = dict(BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.block_n:
+        kw["BLOCK_N"] = cfg.block_n
+    return kw
 
 
 def _dot_precision(dtype):
@@ -424,10 +440,6 @@ def _mask_args(key_padding_mask, dummy):
     return m, m.stride(0)
 
 
-# ----------------------------------------------------------------------------------------------
-# Launchers (tensor in, tensor out; inputs already validated)
-# ----------------------------------------------------------------------------------------------
-
 def attention_fwd(q, k, v, key_padding_mask, seed, causal, dropout_p, softmax_scale):
     """O (B, H, S_q, D) in q's dtype and L (B, H, S_q) fp32 row logsumexp."""
     utils.ensure_launchable(_attn_fwd, utils.backend(q))
@@ -438,8 +450,8 @@ def attention_fwd(q, k, v, key_padding_mask, seed, causal, dropout_p, softmax_sc
     lse = utils.empty((B, H, S_q), dtype=torch.float32, device=q.device)
     mask, stride_mb = _mask_args(key_padding_mask, q)
     dropout = dropout_p > 0
-    cfg = launch_config("fwd", D, q.dtype)
-    grid = (triton.cdiv(S_q, cfg["BLOCK_M"]), B * H)
+    cfg = config("fwd", D, q.dtype)
+    grid = (triton.cdiv(S_q, cfg.block_m), B * H)
     _attn_fwd[grid](
         q, k, v, mask, seed if dropout else q, o, lse,
         q.stride(0), q.stride(1), q.stride(2),
@@ -448,7 +460,7 @@ def attention_fwd(q, k, v, key_padding_mask, seed, causal, dropout_p, softmax_sc
         o.stride(0), o.stride(1), o.stride(2),
         stride_mb, H, S_q, S_k, softmax_scale, dropout_p,
         HEAD_DIM=D, BLOCK_D=block_d(D), HAS_MASK=key_padding_mask is not None,
-        CAUSAL=causal, DROPOUT=dropout, **_dot_flags(q), **cfg)
+        CAUSAL=causal, DROPOUT=dropout, **_dot_flags(q), **_launch_kwargs(cfg))
     return o, lse
 
 
@@ -466,26 +478,27 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, seed, causal, dropout_p
                  **_dot_flags(q))
 
     delta = utils.empty((B, H, S_q), dtype=torch.float32, device=q.device)
-    cfg = launch_config("pre", D, q.dtype)
-    _attn_bwd_preprocess[(triton.cdiv(S_q, cfg["BLOCK_M"]), B * H)](
+    cfg = config("pre", D, q.dtype)
+    _attn_bwd_preprocess[(triton.cdiv(S_q, cfg.block_m), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), H, S_q, HEAD_DIM=D, BLOCK_D=bd, **cfg)
+        do.stride(0), do.stride(1), do.stride(2), H, S_q, HEAD_DIM=D, BLOCK_D=bd,
+        **_launch_kwargs(cfg))
 
     dq = utils.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = utils.empty(k.shape, dtype=k.dtype, device=q.device)
     dv = utils.empty(v.shape, dtype=v.dtype, device=q.device)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    cfg = launch_config("dkdv", D, q.dtype)
-    _attn_bwd_dkdv[(triton.cdiv(S_k, cfg["BLOCK_N"]), B * H)](
+    cfg = config("dkdv", D, q.dtype)
+    _attn_bwd_dkdv[(triton.cdiv(S_k, cfg.block_n), B * H)](
         q, k, v, do, lse, delta, mask, seed, dk, dv, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), stride_mb, H, S_q, S_k,
-        softmax_scale, dropout_p, HEAD_DIM=D, BLOCK_D=bd, **flags, **cfg)
-    cfg = launch_config("dq", D, q.dtype)
-    _attn_bwd_dq[(triton.cdiv(S_q, cfg["BLOCK_M"]), B * H)](
+        softmax_scale, dropout_p, HEAD_DIM=D, BLOCK_D=bd, **flags, **_launch_kwargs(cfg))
+    cfg = config("dq", D, q.dtype)
+    _attn_bwd_dq[(triton.cdiv(S_q, cfg.block_m), B * H)](
         q, k, v, do, lse, delta, mask, seed, dq, *strides,
         dq.stride(0), dq.stride(1), dq.stride(2), stride_mb, H, S_q, S_k,
-        softmax_scale, dropout_p, HEAD_DIM=D, BLOCK_D=bd, **flags, **cfg)
+        softmax_scale, dropout_p, HEAD_DIM=D, BLOCK_D=bd, **flags, **_launch_kwargs(cfg))
     return dq, dk, dv
 
 
@@ -510,38 +523,9 @@ def attention_dropout_mask(B, H, S_q, S_k, dropout_p, seed, device) -> torch.Ten
     return keep.view(B, H, S_q, S_k).bool()
 
 
-# ----------------------------------------------------------------------------------------------
-# Torch reference (the CPU path, and the tests' float64 reference)
-# ----------------------------------------------------------------------------------------------
-
-def attention_ref(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, softmax_scale=None,
-                  dropout_mask=None):
-    """Same semantics as `attention`, in plain torch (fp32 softmax, or the input's dtype if
-    wider). `dropout_mask` (B, H, S_q, S_k) bool, True = keep, overrides torch's own draw."""
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    ct = torch.promote_types(q.dtype, torch.float32)
-    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, S_q, S_k)
-    S_q, S_k = q.shape[-2], k.shape[-2]
-    visible = torch.ones(S_q, S_k, dtype=torch.bool, device=q.device)
-    if causal:  # bottom-right aligned: query i sees keys j <= i + S_k - S_q
-        visible = visible.tril(S_k - S_q)
-    visible = visible.expand(q.shape[0], 1, S_q, S_k)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    # rows with no visible key: softmax over zeros, then zeroed (finite values and gradients)
-    any_visible = visible.any(-1, keepdim=True)
-    s = s.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
-    p = torch.softmax(s, dim=-1).masked_fill(~visible, 0.0)
-    if dropout_p > 0:
-        if dropout_mask is None:
-            dropout_mask = torch.rand_like(p) >= dropout_p
-        p = p * dropout_mask / (1 - dropout_p)
-    return torch.matmul(p, v.to(ct)).to(q.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# torch.library registration
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
+# torch.library registration (torch.compile traces these without graph breaks)
+# ------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("tkd::attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -589,9 +573,9 @@ def _backward(ctx, do, _dlse):  # L is an internal statistic: its gradient is ig
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 # Public op
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 
 def _check_inputs(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -669,9 +653,38 @@ def attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, softm
     return o
 
 
-# ----------------------------------------------------------------------------------------------
-# Ahead-of-time compile configurations
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
+# Torch reference (the CPU path, and the tests' float64 reference)
+# ------------------------------------------------------------------------------------------
+
+def attention_ref(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, softmax_scale=None,
+                  dropout_mask=None):
+    """Same semantics as `attention`, in plain torch (fp32 softmax, or the input's dtype if
+    wider). `dropout_mask` (B, H, S_q, S_k) bool, True = keep, overrides torch's own draw."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    ct = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, S_q, S_k)
+    S_q, S_k = q.shape[-2], k.shape[-2]
+    visible = torch.ones(S_q, S_k, dtype=torch.bool, device=q.device)
+    if causal:  # bottom-right aligned: query i sees keys j <= i + S_k - S_q
+        visible = visible.tril(S_k - S_q)
+    visible = visible.expand(q.shape[0], 1, S_q, S_k)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    # rows with no visible key: softmax over zeros, then zeroed (finite values and gradients)
+    any_visible = visible.any(-1, keepdim=True)
+    s = s.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(~visible, 0.0)
+    if dropout_p > 0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand_like(p) >= dropout_p
+        p = p * dropout_mask / (1 - dropout_p)
+    return torch.matmul(p, v.to(ct)).to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Ahead-of-time compile list: the configurations `config` yields (kernels/aot.py)
+# ------------------------------------------------------------------------------------------
 
 def _signature(kernel, dtype, constexprs):
     """AOT signature from the argument names: data pointers in `dtype`, fp32 statistics,
@@ -700,13 +713,13 @@ def _aligned(kernel):
 
 
 def _spec(label, kernel, kind, D, dtype, flags):
-    cfg = launch_config(kind, D, dtype)
-    const = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **{k: v for k, v in cfg.items()
-                                                       if k.startswith("BLOCK")}, **flags)
+    cfg = config(kind, D, dtype)
+    tiles = {k: v for k, v in _launch_kwargs(cfg).items() if k.startswith("BLOCK")}
+    const = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **tiles, **flags)
     if kind != "pre":
         const.update(DOT_PRECISION=_dot_precision(dtype), UPCAST_DOT=False)
     return AotSpec(label=label, kernel=kernel, signature=_signature(kernel, dtype, const),
-                   constexprs=const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                   constexprs=const, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                    aligned=_aligned(kernel) if D % 16 == 0 else ())
 
 

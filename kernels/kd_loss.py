@@ -46,6 +46,7 @@ requires grad. The backward writes a new tensor rather than scaling the saved on
 second backward (retain_graph=True) must see the unscaled gradient again. That costs one more
 read + write of (N, V) than Liger-Kernel's in-place multiply.
 """
+import dataclasses
 import math
 from typing import Optional
 
@@ -191,27 +192,30 @@ def _kd_loss_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------
-# Heuristics (the one place tile sizes and warps are chosen: launchers and aot_specs)
+# Launchers: `config(...) -> Config` (the one heuristic), then tensor in, tensor out
 # ------------------------------------------------------------------------------------------
 
 TINY_V = 8      # V <= TINY_V (classification heads: 2-3 classes): many rows per program
 WIDE_BLOCK = 4096  # column tile for every larger V (online softmax over V / 4096 tiles)
 
 
-def config(V: int) -> dict:
-    """Tile (ROWS x BLOCK) and warps of both kernels for V classes: two buckets for any V.
+@dataclasses.dataclass(frozen=True)
+class Config:
+    rows: int        # rows per program (> 1 only for tiny V)
+    block: int       # column tile
+    num_warps: int
+
+
+def config(V: int) -> Config:
+    """Tile (rows x block) and warps of both kernels for V classes: two buckets for any V.
 
     Wide: one row per program, ~8 elements per thread (utils.num_warps_for). Tiny: a warp
     spans 4 rows x 8 columns and every thread keeps the 7 running statistics of each of its
-    rows, so 2 rows per thread (ROWS / 8 warps): ~48 registers instead of ~170 at 8 rows."""
+    rows, so 2 rows per thread (rows / 8 warps): ~48 registers instead of ~170 at 8 rows."""
     if V <= TINY_V:
-        return dict(ROWS=64, BLOCK=TINY_V, num_warps=64 // 8)
-    return dict(ROWS=1, BLOCK=WIDE_BLOCK, num_warps=utils.num_warps_for(WIDE_BLOCK))
+        return Config(rows=64, block=TINY_V, num_warps=64 // 8)
+    return Config(rows=1, block=WIDE_BLOCK, num_warps=utils.num_warps_for(WIDE_BLOCK))
 
-
-# ------------------------------------------------------------------------------------------
-# Launchers (tensor in, tensor out; inputs validated by `kd_loss`)
-# ------------------------------------------------------------------------------------------
 
 def _reduction_count(labels, ignore_index, N, device):
     """Number of counted rows as a (1,) fp32 tensor (no host sync)."""
@@ -241,12 +245,12 @@ def kd_loss_fwd(student_logits, teacher_logits, labels=None, temperature=1.0, al
         kernel = _kd_loss_fwd_kernel
         utils.ensure_launchable(kernel, utils.backend(s))
         cfg = config(V)
-        kernel[(triton.cdiv(N, cfg["ROWS"]),)](
+        kernel[(triton.cdiv(N, cfg.rows),)](
             s, s.stride(0), t, t.stride(0), labels, rows,
             grad, grad.stride(0) if compute_grad else 0, scale,
             N, V, 1.0 / temperature, float(temperature), float(alpha), int(ignore_index),
-            ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], HAS_LABELS=labels is not None,
-            COMPUTE_GRAD=compute_grad, num_warps=cfg["num_warps"])
+            ROWS=cfg.rows, BLOCK=cfg.block, HAS_LABELS=labels is not None,
+            COMPUTE_GRAD=compute_grad, num_warps=cfg.num_warps)
     if reduction == "none":
         return rows, grad
     loss = rows.sum()
@@ -266,41 +270,10 @@ def kd_loss_bwd(grad, grad_output):
         kernel = _kd_loss_bwd_kernel
         utils.ensure_launchable(kernel, utils.backend(grad))
         cfg = config(V)
-        grid = (triton.cdiv(N, cfg["ROWS"]), triton.cdiv(V, cfg["BLOCK"]))
+        grid = (triton.cdiv(N, cfg.rows), triton.cdiv(V, cfg.block))
         kernel[grid](grad, grad.stride(0), go, go_stride, out, out.stride(0), N, V,
-                     ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+                     ROWS=cfg.rows, BLOCK=cfg.block, num_warps=cfg.num_warps)
     return out
-
-
-# ------------------------------------------------------------------------------------------
-# Torch reference (the CPU path; native autograd)
-# ------------------------------------------------------------------------------------------
-
-def kd_loss_ref(student_logits, teacher_logits, labels=None, temperature=1.0, alpha=0.5,
-                ignore_index=-100, reduction="mean"):
-    """Torch reference, computed in fp32 (float64 for float64 inputs); loss fp32 / float64."""
-    acc = torch.promote_types(student_logits.dtype, torch.float32)
-    s = student_logits.to(acc)
-    t = teacher_logits.to(acc)
-    T = temperature
-    log_ps = F.log_softmax(s / T, dim=-1)
-    log_pt = F.log_softmax(t / T, dim=-1)
-    pt = log_pt.exp()
-    # p_t = 0 (teacher -inf) contributes 0; the where also keeps NaN out of the gradient
-    diff = torch.where(pt > 0, log_pt - log_ps, torch.zeros_like(pt))
-    kl = (pt * diff).sum(-1) * T * T
-    if labels is None:
-        rows, count = kl, s.new_tensor(float(kl.shape[0]))
-    else:
-        keep = labels != ignore_index
-        ce = F.cross_entropy(s, torch.where(keep, labels, 0), reduction="none")
-        rows = torch.where(keep, alpha * kl + (1 - alpha) * ce, torch.zeros_like(kl))
-        count = keep.sum().to(acc)
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / count.clamp(min=1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -426,7 +399,38 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=1.0, alpha=
 
 
 # ------------------------------------------------------------------------------------------
-# Ahead-of-time compile list
+# Torch reference (the CPU path, and the tests' float64 reference)
+# ------------------------------------------------------------------------------------------
+
+def kd_loss_ref(student_logits, teacher_logits, labels=None, temperature=1.0, alpha=0.5,
+                ignore_index=-100, reduction="mean"):
+    """Torch reference, computed in fp32 (float64 for float64 inputs); loss fp32 / float64."""
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.to(acc)
+    t = teacher_logits.to(acc)
+    T = temperature
+    log_ps = F.log_softmax(s / T, dim=-1)
+    log_pt = F.log_softmax(t / T, dim=-1)
+    pt = log_pt.exp()
+    # p_t = 0 (teacher -inf) contributes 0; the where also keeps NaN out of the gradient
+    diff = torch.where(pt > 0, log_pt - log_ps, torch.zeros_like(pt))
+    kl = (pt * diff).sum(-1) * T * T
+    if labels is None:
+        rows, count = kl, s.new_tensor(float(kl.shape[0]))
+    else:
+        keep = labels != ignore_index
+        ce = F.cross_entropy(s, torch.where(keep, labels, 0), reduction="none")
+        rows = torch.where(keep, alpha * kl + (1 - alpha) * ce, torch.zeros_like(kl))
+        count = keep.sum().to(acc)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / count.clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------------
+# Ahead-of-time compile list: the configurations `config` yields (kernels/aot.py)
 # ------------------------------------------------------------------------------------------
 
 def _fwd_spec(dtype, cfg, has_labels, compute_grad, rows_aligned):
@@ -437,17 +441,17 @@ def _fwd_spec(dtype, cfg, has_labels, compute_grad, rows_aligned):
            "V": "i32", "inv_T": "fp32", "T": "fp32", "alpha": "fp32", "ignore_index": "i32",
            "ROWS": "constexpr", "BLOCK": "constexpr", "HAS_LABELS": "constexpr",
            "COMPUTE_GRAD": "constexpr"}
-    const = dict(ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], HAS_LABELS=has_labels,
+    const = dict(ROWS=cfg.rows, BLOCK=cfg.block, HAS_LABELS=has_labels,
                  COMPUTE_GRAD=compute_grad)
     if not has_labels:
         const["y_ptr"] = None
     aligned = ("s_ptr", "t_ptr", "loss_ptr", "g_ptr")
     if rows_aligned:
         aligned += ("s_row_stride", "t_row_stride", "g_row_stride", "V")
-    label = (f"kd_loss_fwd {cfg['ROWS']}x{cfg['BLOCK']} {ty} "
+    label = (f"kd_loss_fwd {cfg.rows}x{cfg.block} {ty} "
              f"{'labels' if has_labels else 'nolabels'} {'grad' if compute_grad else 'nograd'}"
              f"{' V%16=0' if rows_aligned else ''}")
-    return AotSpec(label, _kd_loss_fwd_kernel, sig, const, num_warps=cfg["num_warps"],
+    return AotSpec(label, _kd_loss_fwd_kernel, sig, const, num_warps=cfg.num_warps,
                    aligned=aligned)
 
 
@@ -459,9 +463,9 @@ def _bwd_spec(dtype, cfg, rows_aligned):
     aligned = ("g_ptr", "out_ptr")
     if rows_aligned:
         aligned += ("g_row_stride", "out_row_stride", "V")
-    label = f"kd_loss_bwd {cfg['ROWS']}x{cfg['BLOCK']} {ty}{' V%16=0' if rows_aligned else ''}"
-    return AotSpec(label, _kd_loss_bwd_kernel, sig, dict(ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"]),
-                   num_warps=cfg["num_warps"], aligned=aligned)
+    label = f"kd_loss_bwd {cfg.rows}x{cfg.block} {ty}{' V%16=0' if rows_aligned else ''}"
+    return AotSpec(label, _kd_loss_bwd_kernel, sig, dict(ROWS=cfg.rows, BLOCK=cfg.block),
+                   num_warps=cfg.num_warps, aligned=aligned)
 
 
 def aot_specs():
@@ -470,12 +474,12 @@ def aot_specs():
     and the row strides being multiples of 16 (vectorized loads): that variant is listed too
     for the wide bucket, where vocabularies (32000, 128256, ...) fall."""
     Vs = sorted({1, MAX_V} | {2**k + d for k in range(1, MAX_V.bit_length()) for d in (-1, 0, 1)})
-    configs = {tuple(sorted(config(v).items())) for v in Vs if v <= MAX_V}
+    configs = sorted({config(v) for v in Vs}, key=lambda c: (c.block, c.rows, c.num_warps))
     specs = []
     for dtype in utils.FLOAT_DTYPES:
-        for cfg in [dict(c) for c in sorted(configs)]:
+        for cfg in configs:
             # V <= TINY_V is never a multiple of 16: the tiny bucket has one alignment only
-            alignments = (False, True) if cfg["BLOCK"] > TINY_V else (False,)
+            alignments = (False, True) if cfg.block > TINY_V else (False,)
             for rows_aligned in alignments:
                 for has_labels in (True, False):
                     for compute_grad in (True, False):

@@ -1,4 +1,6 @@
-"""Shared test helpers: relative error against float64, poisoning, dtype tolerances."""
+"""Shared test helpers: relative error against float64, dtype tolerances, SQNR."""
+import math
+
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -17,13 +19,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def poison(t: torch.Tensor) -> torch.Tensor:
-    """Fill with NaN (or an extreme value for integers) so an unwritten element fails a test."""
-    if t.is_floating_point():
-        return t.fill_(float("nan"))
-    return t.fill_(torch.iinfo(t.dtype).min)
-
-
 def assert_close(out, ref, tol, what=""):
     e = rel_err(out, ref)
     assert e <= tol, f"{what}: relative error {e:.3e} > tolerance {tol:.1e}"
+
+
+def sum_tol(dtype, length):
+    """Relative tolerance of an output that sums `length` terms in fp32 and is stored in `dtype`
+    (LayerNorm's y and dx over a row, dw and db over rows; see tests/test_layer_norm.py):
+    fp32 8 eps32 sqrt(length), at least 32 eps32; fp16 2e-3 and bf16 1.6e-2 (~4 ulp)."""
+    if dtype == torch.float32:
+        eps32 = torch.finfo(torch.float32).eps
+        return max(32 * eps32, 8 * eps32 * math.sqrt(length))
+    return {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+
+def sqnr_db(y, ref):
+    """Signal-to-quantization-noise ratio of y against ref, in dB (float64)."""
+    return 10 * torch.log10(ref.double().pow(2).mean() / (y.double() - ref.double()).pow(2).mean())

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import assert_close, sqnr_db
 
 import tkd_core
 from tkd_core import int8_gemm as G
@@ -178,50 +178,7 @@ def test_quantize_zero_row_and_noncontiguous():
 
 
 # ------------------------------------------------------------------------------------------
-# Int8Linear, threads, quantize_model
-
-def sqnr_db(y, ref):
-    return 10 * torch.log10(ref.double().pow(2).mean() / (y.double() - ref.double()).pow(2).mean())
-
-
-@pytest.mark.parametrize("M,K,N", [(1, 768, 768), (77, 768, 3072), (33, 3072, 768)])
-def test_int8_linear_sqnr(M, K, N):
-    lin = torch.nn.Linear(K, N)
-    x = torch.randn(M, K)
-    q = Int8Linear.from_float(lin)
-    with torch.no_grad():
-        y, ref = q(x), lin(x)
-        db = sqnr_db(y, ref)
-        assert db >= 35, f"SQNR {db:.1f} dB < 35 dB"
-        # it is exactly the int8 GEMM of the quantized operands with the fused epilogue
-        qx, sx = G.quantize_per_token_ref(x)
-        expect = G.int8_gemm_ref(qx, q.weight, sx, q.weight_scale, q.bias)
-        assert_close(y, expect, 2e-7, "Int8Linear vs its int8 reference")
-
-
-def test_int8_linear_module_behaviour():
-    lin = torch.nn.Linear(64, 24)
-    q = Int8Linear.from_float(lin)
-    x = torch.randn(2, 5, 64)
-    with torch.no_grad():
-        y = q(x)
-        assert y.shape == (2, 5, 24) and y.dtype == torch.float32
-        assert q(x.bfloat16()).dtype == torch.bfloat16
-    assert sorted(q.state_dict()) == ["bias", "weight", "weight_scale"]
-    assert q.weight.dtype == torch.int8 and q.weight.abs().max() <= 127
-    q2 = Int8Linear(64, 24)
-    q2.load_state_dict(q.state_dict())  # repacks the loaded weight
-    with torch.no_grad():
-        assert torch.equal(q2(x), y)
-    with pytest.raises(RuntimeError, match="inference only"):
-        q(x.requires_grad_())
-    with pytest.raises(ValueError, match="in_features"):
-        with torch.no_grad():
-            q(torch.randn(3, 63))
-    nb = Int8Linear.from_float(torch.nn.Linear(64, 24, bias=False))
-    with torch.inference_mode():
-        assert nb(x).shape == (2, 5, 24)
-
+# threads, quantize_model (Int8Linear itself: tests/test_nn.py)
 
 # (2105, 2000, 37): packed A > 8 MiB, so 1 thread takes the row-block path too (a 5-row last panel)
 @pytest.mark.parametrize("M,K,N", [(131, 1000, 515), (2105, 2000, 37)])

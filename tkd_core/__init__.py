@@ -5,6 +5,6 @@
     tkd_core.ops.backend(x)                               # "triton" | "interpreter" | "reference"
 """
 from . import ops, nn  # noqa: F401
-from .quantize import quantize_model  # noqa: F401
+from .int8_gemm import QuantizeReport, quantize_model  # noqa: F401
 
 __version__ = "0.1.0"

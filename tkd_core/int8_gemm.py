@@ -1,4 +1,5 @@
-"""INT8 GEMM and per-token activation quantization over the compiled extension `tkd_core._C`.
+"""The INT8 op's one Python home: INT8 GEMM and per-token activation quantization over the
+compiled extension `tkd_core._C`, the drop-in `Int8Linear` and `quantize_model`.
 
 Math. `int8_gemm(a, b)` computes C = a @ b.T for int8 a (M, K) and int8 b (N, K) (nn.Linear
 weight layout), accumulated exactly in int32:
@@ -23,12 +24,24 @@ does not apply here: this op has no Triton kernel.
 Weights are widened and packed once (`pack_weight`); activations are packed per call inside the
 kernel call, and for `tkd_core.nn.Int8Linear` quantized per token there too (one read of x,
 `quantized_linear_cpu`). Threads: `torch.get_num_threads()`.
+
+This file is the op's one Python home, read top to bottom: the extension (the kernels live in
+csrc/), the launchers, the torch.library registration, the public ops, their torch references,
+then what is built on them: `Int8Linear` (the drop-in module, re-exported by `tkd_core.nn`)
+and `quantize_model` (swaps a model's nn.Linear layers for it, re-exported by `tkd_core`).
 """
-from typing import Optional, Tuple
+import dataclasses
+import fnmatch
+from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
+from torch import nn
 
 from .kernels import utils
+
+# ---------------------------------------------------------------------------------------------
+# The extension tkd_core._C (its kernels: csrc/int8_gemm_cpu.cpp, csrc/int8_gemm_cuda.cu)
+# ---------------------------------------------------------------------------------------------
 
 try:
     from . import _C
@@ -70,33 +83,8 @@ def _threads() -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# torch references
-
-def int8_gemm_ref(a, b, a_scale=None, b_scale=None, bias=None, out_dtype=None):
-    """Reference: exact int32 a @ b.T (via float64, exact for K <= K_MAX), or the scaled float
-    result computed in float64 and cast to `out_dtype` (default float32)."""
-    acc = a.double() @ b.double().T  # (M, N), exact integers
-    if not _scaled(a_scale, b_scale, bias, out_dtype):
-        return acc.to(torch.int32)
-    M, N = acc.shape
-    y = acc * _vec(a_scale, M, a.device, torch.float64)[:, None]
-    y = y * _vec(b_scale, N, a.device, torch.float64)[None, :]
-    if bias is not None:
-        y = y + bias.double()
-    return y.to(out_dtype or torch.float32)
-
-
-def quantize_per_token_ref(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reference of `quantize_per_token` in torch (float32 math, same rounding)."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1)  # (...)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    q = torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
+# Launchers: input validation, the CPU path (packing + the AVX2/scalar kernel), CUDA
 # ---------------------------------------------------------------------------------------------
-# validation
 
 def _scaled(a_scale, b_scale, bias, out_dtype) -> bool:
     return (a_scale is not None or b_scale is not None or bias is not None
@@ -164,9 +152,6 @@ def _validate_gemm(a, b, a_scale, b_scale, bias, out_dtype, *, packed_k=None):
                            "the extension rebuilt with nvcc and a CUDA torch (pip install -e .)")
     return M, N, K, scaled
 
-
-# ---------------------------------------------------------------------------------------------
-# CPU path: packing + the AVX2/scalar kernel
 
 class PackedInt8Weight:
     """An int8 (N, K) weight widened and packed once into the CPU kernel's panel layout."""
@@ -241,9 +226,6 @@ def quantized_linear_cpu(x2d: torch.Tensor, w: PackedInt8Weight, w_scale: torch.
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# CUDA path
-
 def _gemm_cuda(a, b, M, N, K, scaled, a_scale, b_scale, bias, out_dtype):
     out_dtype = out_dtype or (torch.float32 if scaled else torch.int32)
     out = utils.empty((M, N), dtype=out_dtype, device=a.device)
@@ -273,7 +255,8 @@ def _aligned_rows(t):
 
 
 # ---------------------------------------------------------------------------------------------
-# public ops
+# torch.library registration (torch.compile traces these without graph breaks)
+# ---------------------------------------------------------------------------------------------
 
 def _as_tensor(s, device):
     """Python number scales -> 0-d float32 tensors (custom ops take tensors)."""
@@ -325,6 +308,10 @@ def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
+# ---------------------------------------------------------------------------------------------
+# Public ops
+# ---------------------------------------------------------------------------------------------
+
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale=None, b_scale=None, bias=None,
               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """a @ b.T for int8 a (M, K) and int8 b (N, K) (nn.Linear weight layout).
@@ -355,3 +342,172 @@ def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     return _quantize_per_token_op(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch references
+# ---------------------------------------------------------------------------------------------
+
+def int8_gemm_ref(a, b, a_scale=None, b_scale=None, bias=None, out_dtype=None):
+    """Reference: exact int32 a @ b.T (via float64, exact for K <= K_MAX), or the scaled float
+    result computed in float64 and cast to `out_dtype` (default float32)."""
+    acc = a.double() @ b.double().T  # (M, N), exact integers
+    if not _scaled(a_scale, b_scale, bias, out_dtype):
+        return acc.to(torch.int32)
+    M, N = acc.shape
+    y = acc * _vec(a_scale, M, a.device, torch.float64)[:, None]
+    y = y * _vec(b_scale, N, a.device, torch.float64)[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(out_dtype or torch.float32)
+
+
+def quantize_per_token_ref(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of `quantize_per_token` in torch (float32 math, same rounding)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)  # (...)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    q = torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Int8Linear: the drop-in module (inference only)
+# ---------------------------------------------------------------------------------------------
+
+class Int8Linear(nn.Module):
+    """Inference-only dynamic INT8 drop-in for nn.Linear (also `tkd_core.nn.Int8Linear`).
+
+    Weights: int8 (out, in), quantized symmetrically per output channel (scale = absmax / 127)
+    and, on CPU, widened + packed once into the kernel's panel layout. Activations: quantized
+    per token at run time (fused with packing on CPU), then y = (q_x @ q_w.T) * s_x * s_w + bias
+    in the GEMM's fused epilogue. Buffers (state_dict): `weight` int8, `weight_scale` float32,
+    `bias` float32 or None. forward(x (..., in)) -> (..., out) in x.dtype. No gradients.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8,
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self._packed = None  # CPU packed weight, rebuilt when `weight` changes
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
+        """Quantize a float nn.Linear (per-channel symmetric int8 weights), packed once."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                device=w.device)
+        q, scale = quantize_per_token_ref(w.float())  # per output channel = per row
+        m.weight.copy_(q)
+        m.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().float())
+        m._pack()
+        return m
+
+    def _pack(self):
+        w = self.weight
+        self._packed = (pack_weight(w) if not w.is_cuda else None,
+                        w.data_ptr(), w._version)
+
+    def _packed_weight(self):
+        w = self.weight
+        if self._packed is None or self._packed[1:] != (w.data_ptr(), w._version):
+            self._pack()  # weight was loaded, moved or modified since the last pack
+        return self._packed[0]
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("Int8Linear is inference only: it has no gradient. Run it under "
+                               "torch.no_grad() / torch.inference_mode(), or use nn.Linear to train")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must end in in_features={self.in_features}, got shape "
+                             f"{tuple(x.shape)}")
+        if x.is_cuda != self.weight.is_cuda or (x.is_cuda and x.device != self.weight.device):
+            raise ValueError(f"x is on {x.device} but Int8Linear's weight is on "
+                             f"{self.weight.device}")
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if x.is_cuda:
+            q, s = quantize_per_token(x2)
+            y = int8_gemm(q, self.weight, s, self.weight_scale, self.bias,
+                          out_dtype=x.dtype if x.dtype in (torch.float16, torch.bfloat16)
+                          else torch.float32)
+        else:
+            y = quantized_linear_cpu(x2, self._packed_weight(), self.weight_scale, self.bias)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, dynamic per-token int8 x per-channel int8")
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_model: swap a model's nn.Linear layers for Int8Linear
+# ---------------------------------------------------------------------------------------------
+
+Skip = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+@dataclasses.dataclass
+class QuantizeReport:
+    converted: List[Tuple[str, int, int]]  # (name, in_features, out_features)
+    skipped: List[Tuple[str, str]]         # (name, reason)
+
+    @property
+    def params_converted(self) -> int:
+        return sum(i * o for _, i, o in self.converted)
+
+    def __str__(self):
+        lines = [f"quantize_model: converted {len(self.converted)} nn.Linear layer(s) to "
+                 f"Int8Linear ({self.params_converted:,} weights -> int8), skipped "
+                 f"{len(self.skipped)}"]
+        lines += [f"  int8  {n} ({i} -> {o})" for n, i, o in self.converted]
+        lines += [f"  skip  {n}: {why}" for n, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _skip_fn(skip: Skip) -> Callable[[str, nn.Module], bool]:
+    if skip is None:
+        return lambda name, mod: False
+    if callable(skip):
+        return skip
+    patterns = [skip] if isinstance(skip, str) else list(skip)
+    # a pattern matches the full dotted name, or any dotted prefix of it ("encoder.0")
+    return lambda name, mod: any(
+        fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
+
+
+def quantize_model(model: nn.Module, skip: Skip = None, verbose: bool = False) -> QuantizeReport:
+    """Replace every nn.Linear in `model` (in place) by `Int8Linear.from_float(linear)`.
+
+    skip: names to keep in float: a glob pattern, a list of patterns (matched against the dotted
+    module name, e.g. "classifier" or "encoder.*.out"; a pattern naming a parent skips its
+    children), or a callable (name, module) -> bool. Returns a QuantizeReport (printed when
+    verbose). A bare nn.Linear passed as `model` cannot be replaced in place: use
+    Int8Linear.from_float.
+    """
+    if isinstance(model, nn.Linear):
+        raise TypeError("quantize_model converts the nn.Linear layers inside a model in place; "
+                        "for a single layer use tkd_core.nn.Int8Linear.from_float(linear)")
+    skipped_by = _skip_fn(skip)
+    report = QuantizeReport([], [])
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and name]
+    for name, lin in targets:
+        if skipped_by(name, lin):
+            report.skipped.append((name, "matched skip"))
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8Linear.from_float(lin))
+        report.converted.append((name, lin.in_features, lin.out_features))
+    if verbose:
+        print(report)
+    return report

@@ -1,6 +1,4 @@
 """Drop-in nn.Modules over tkd ops: same constructors and state_dict keys as their torch twins."""
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -83,78 +81,6 @@ class MultiHeadAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(B, S, self.hidden_size))
 
 
-from . import int8_gemm  # noqa: E402  (the INT8 section's own import)
-
-
-class Int8Linear(nn.Module):
-    """Inference-only dynamic INT8 drop-in for nn.Linear over `tkd_core.int8_gemm`.
-
-    Weights: int8 (out, in), quantized symmetrically per output channel (scale = absmax / 127)
-    and, on CPU, widened + packed once into the kernel's panel layout. Activations: quantized
-    per token at run time (fused with packing on CPU), then y = (q_x @ q_w.T) * s_x * s_w + bias
-    in the GEMM's fused epilogue. Buffers (state_dict): `weight` int8, `weight_scale` float32,
-    `bias` float32 or None. forward(x (..., in)) -> (..., out) in x.dtype. No gradients.
-    """
-
-    def __init__(self, in_features, out_features, bias=True, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8,
-                                                   device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self._packed = None  # CPU packed weight, rebuilt when `weight` changes
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
-        """Quantize a float nn.Linear (per-channel symmetric int8 weights), packed once."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight.detach()
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                device=w.device)
-        q, scale = int8_gemm.quantize_per_token_ref(w.float())  # per output channel = per row
-        m.weight.copy_(q)
-        m.weight_scale.copy_(scale)
-        if linear.bias is not None:
-            m.bias.copy_(linear.bias.detach().float())
-        m._pack()
-        return m
-
-    def _pack(self):
-        w = self.weight
-        self._packed = (int8_gemm.pack_weight(w) if not w.is_cuda else None,
-                        w.data_ptr(), w._version)
-
-    def _packed_weight(self):
-        w = self.weight
-        if self._packed is None or self._packed[1:] != (w.data_ptr(), w._version):
-            self._pack()  # weight was loaded, moved or modified since the last pack
-        return self._packed[0]
-
-    def forward(self, x):
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError("Int8Linear is inference only: it has no gradient. Run it under "
-                               "torch.no_grad() / torch.inference_mode(), or use nn.Linear to train")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x must end in in_features={self.in_features}, got shape "
-                             f"{tuple(x.shape)}")
-        if x.is_cuda != self.weight.is_cuda or (x.is_cuda and x.device != self.weight.device):
-            raise ValueError(f"x is on {x.device} but Int8Linear's weight is on "
-                             f"{self.weight.device}")
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x.is_cuda:
-            q, s = ops.quantize_per_token(x2)
-            y = ops.int8_gemm(q, self.weight, s, self.weight_scale, self.bias,
-                              out_dtype=x.dtype if x.dtype in (torch.float16, torch.bfloat16)
-                              else torch.float32)
-        else:
-            y = int8_gemm.quantized_linear_cpu(x2, self._packed_weight(), self.weight_scale,
-                                               self.bias)
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, dynamic per-token int8 x per-channel int8")
+# Int8Linear (inference-only dynamic INT8 drop-in for nn.Linear) lives with its op in
+# tkd_core/int8_gemm.py, next to quantize_model; re-exported here with the other modules.
+from .int8_gemm import Int8Linear  # noqa: E402,F401

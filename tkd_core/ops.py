@@ -8,7 +8,7 @@ the Triton kernels in Triton's interpreter. Each op lives with its kernels in
 from .kernels.utils import backend  # noqa: F401
 
 # -- ops (one line each, kept in this order) --
-from .kernels.layernorm import layer_norm  # noqa: F401
+from .kernels.layer_norm import layer_norm  # noqa: F401
 from .kernels.kd_loss import kd_loss  # noqa: F401
 from .kernels.attention import attention  # noqa: F401
 from .int8_gemm import int8_gemm, quantize_per_token  # noqa: F401

@@ -48,40 +48,9 @@ MAX_BLOCK_BWD = 4096  # the backward keeps dw/db accumulators too: 8192 spills a
 CHUNK = 4096        # column chunk of the swept path
 
 
-# ----------------------------------------------------------------------------- heuristics
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    block_n: int     # columns per tile (power of two)
-    rows: int        # rows per tile
-    num_warps: int
-    chunked: bool    # sweep a row in block_n-wide chunks instead of holding it
-
-
-def config(N: int, backward: bool = False) -> Config:
-    """The launch configuration for hidden size N, bucketed by next_pow2(N) (dtype-independent).
-
-    Used by the launchers and by `aot_specs()`, so the compiled variants are the launched ones.
-    """
-    block = max(MIN_BLOCK, next_power_of_2(N))
-    if block > (MAX_BLOCK_BWD if backward else MAX_BLOCK):
-        return Config(CHUNK, 1, num_warps_for(CHUNK), True)
-    rows = max(1, SMALL_TILE // block)
-    return Config(block, rows, num_warps_for(rows * block), False)
-
-
-def _bwd_programs(num_tiles: int, cfg: Config, device: torch.device) -> int:
-    """Backward programs: enough to fill the GPU; each owns one row of the dw/db partial buffer."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        per_sm = max(1, 32 // cfg.num_warps)  # resident programs per SM at ~1024 threads
-        return max(1, min(num_tiles, sms * per_sm))
-    return max(1, min(num_tiles, 4))  # interpreter: a few programs still exercise the reduction
-
-
-# ----------------------------------------------------------------------------- kernels
-
+# ------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------
 
 @triton.jit
 def _layer_norm_fwd(
@@ -263,7 +232,37 @@ def _layer_norm_bwd_chunked(
             tl.store(DBp + part + c, db + dy, mask=ok)
 
 
-# ----------------------------------------------------------------------------- launchers
+# ------------------------------------------------------------------------------------------
+# Launchers: `config(...) -> Config` (the one heuristic), then tensor in, tensor out
+# ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_n: int     # columns per tile (power of two)
+    rows: int        # rows per tile
+    num_warps: int
+    chunked: bool    # sweep a row in block_n-wide chunks instead of holding it
+
+
+def config(N: int, backward: bool = False) -> Config:
+    """The launch configuration for hidden size N, bucketed by next_pow2(N) (dtype-independent).
+
+    Used by the launchers and by `aot_specs()`, so the compiled variants are the launched ones.
+    """
+    block = max(MIN_BLOCK, next_power_of_2(N))
+    if block > (MAX_BLOCK_BWD if backward else MAX_BLOCK):
+        return Config(CHUNK, 1, num_warps_for(CHUNK), True)
+    rows = max(1, SMALL_TILE // block)
+    return Config(block, rows, num_warps_for(rows * block), False)
+
+
+def _bwd_programs(num_tiles: int, cfg: Config, device: torch.device) -> int:
+    """Backward programs: enough to fill the GPU; each owns one row of the dw/db partial buffer."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        per_sm = max(1, 32 // cfg.num_warps)  # resident programs per SM at ~1024 threads
+        return max(1, min(num_tiles, sms * per_sm))
+    return max(1, min(num_tiles, 4))  # interpreter: a few programs still exercise the reduction
 
 
 @functools.lru_cache(maxsize=16)
@@ -347,17 +346,9 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh=None):
     return dx, dw_part[:, :N].sum(0), db_part[:, :N].sum(0)  # stage 2 of the dw/db reduction
 
 
-# ----------------------------------------------------------------------------- reference
-
-
-def layer_norm_ref(x, weight=None, bias=None, eps=1e-5, residual=None):
-    """Torch reference: y = LN(x + residual); returns y, or (y, x + residual) with a residual."""
-    h = x if residual is None else x + residual
-    y = F.layer_norm(h, h.shape[-1:], weight, bias, eps)
-    return y if residual is None else (y, h)
-
-
-# ----------------------------------------------------------------------------- torch.library
+# ------------------------------------------------------------------------------------------
+# torch.library registration (torch.compile traces these without graph breaks)
+# ------------------------------------------------------------------------------------------
 
 # Custom ops may not return None nor alias their inputs: the forward always returns four fresh
 # tensors, h being a (0,) placeholder when there is no residual.
@@ -415,8 +406,9 @@ def _backward(ctx, dy, dh, dmean, drstd):
 torch.library.register_autograd("tkd::layer_norm_fwd", _backward, setup_context=_setup_context)
 
 
-# ----------------------------------------------------------------------------- public op
-
+# ------------------------------------------------------------------------------------------
+# Public op
+# ------------------------------------------------------------------------------------------
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     """LayerNorm over the last dimension of x (..., N), fp32 statistics.
@@ -448,8 +440,20 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     return y if residual is None else (y, h)
 
 
-# ----------------------------------------------------------------------------- AOT
+# ------------------------------------------------------------------------------------------
+# Torch reference (the CPU path, and the tests' float64 reference)
+# ------------------------------------------------------------------------------------------
 
+def layer_norm_ref(x, weight=None, bias=None, eps=1e-5, residual=None):
+    """Torch reference: y = LN(x + residual); returns y, or (y, x + residual) with a residual."""
+    h = x if residual is None else x + residual
+    y = F.layer_norm(h, h.shape[-1:], weight, bias, eps)
+    return y if residual is None else (y, h)
+
+
+# ------------------------------------------------------------------------------------------
+# Ahead-of-time compile list: the configurations `config` yields (kernels/aot.py)
+# ------------------------------------------------------------------------------------------
 
 def _spec(backward: bool, cfg: Config, dtype: torch.dtype, has_res: bool) -> AotSpec:
     t = TRITON_DTYPE[dtype]

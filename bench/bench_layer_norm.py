@@ -1,6 +1,6 @@
 """LayerNorm (+ residual add), forward and forward+backward: ours against torch's F.layer_norm.
 
-    python -m bench layernorm [--quick]
+    python -m bench layer_norm [--quick]
 
 GPU: M = 4096 rows x hidden {768, 1024, 4096, 8192} and odd sizes, fp16, timed, GB/s with
 bytes = every input read once + every output written once (mean/rstd, internal, not counted;
@@ -100,6 +100,6 @@ def cases(device, quick=False):
 
 def main(device, quick=False):
     return harness.run_cases(
-        "layernorm", cases(device, quick), device,
+        "layer_norm", cases(device, quick), device,
         targets=["LayerNorm forward+backward >= 80% of measured HBM bandwidth for hidden "
                  "768-8192"])
