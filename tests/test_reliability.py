@@ -227,3 +227,26 @@ def test_corrupt_teacher_logits_cache_is_recomputed(tmp_path, vocab, reference_b
                       + tiny_args(vocab, tmp_path / "s")) == 0
     assert "unreadable" in capsys.readouterr().out
     assert torch.load(cache, weights_only=True)["logits"].shape == (96, 2)
+
+
+# -- item 11: a rank whose peers never start stops, naming them ------------------------------
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("rank, match", [(0, "rank(s) [1, 2] of WORLD_SIZE=3 did not start"),
+                                         (2, "could not reach rank 0's store")])
+def test_missing_ranks_time_out_with_their_names(tmp_path, vocab, rank, match):
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="3",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), TRITON_INTERPRET="0")
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "tkd_core.train", "--mode", "teacher",
+                        "--max-steps", "1", "--dist-timeout", "3"]
+                       + tiny_args(vocab, tmp_path) + ["--batch-size", "15"], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and match in r.stderr, r.stderr[-2000:]
+    assert time.time() - t0 < 60
