@@ -243,29 +243,82 @@ def _bert_template(tok):
 
 
 def train_tokenizer(corpus, vocab_size: int = 8000):
-    """A BERT-style WordPiece tokenizer trained on `corpus` (an iterable of strings)."""
-    from tokenizers import Tokenizer, models, trainers
+    """A BERT-style WordPiece tokenizer trained on `corpus` (an iterable of strings).
+
+    The vocabulary is a function of the corpus alone, so two runs on the same data agree in any
+    process: `tokenizers`' own trainer breaks count ties in a hash-map order that changes between
+    processes, so we learn the pieces ourselves (`_wordpiece_vocab`) and use `tokenizers` to
+    normalise, pre-tokenize and tokenize."""
+    from collections import Counter
+    from tokenizers import Tokenizer, models
     tok = _normalization(Tokenizer(models.WordPiece(unk_token=UNK)))
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                        min_frequency=1, show_progress=False)
-    corpus = list(corpus)
-    tok.train_from_iterator(corpus, trainer)
-    vocab = tok.get_vocab()
-    if len(vocab) < vocab_size:
-        # Merges ran out: every word of the corpus is a whole token. The intermediate pieces
-        # the trainer kept on the way depend on how it broke count ties (a hash-map order that
-        # changes between processes); keeping only the alphabet and the whole words makes the
-        # vocabulary a function of the corpus alone.
-        words = {w for text in corpus
-                 for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))}
-        vocab = {t: i for t, i in vocab.items()
-                 if t in words or len(t) == 1 or (t.startswith("##") and len(t) == 3)}
-    # ids follow that hash-map order too: renumber canonically (special tokens first, then
-    # sorted) so the same corpus gives the same ids in every process
-    rest = sorted(t for t in vocab if t not in SPECIAL_TOKENS)
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + rest)}
+    counts = Counter(w for text in corpus for w, _ in
+                     tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
+    pieces = _wordpiece_vocab(counts, vocab_size - len(SPECIAL_TOKENS))
+    if len(pieces) < vocab_size - len(SPECIAL_TOKENS):
+        # Merges ran out: every word of the corpus is a whole token. Keep only the alphabet and
+        # the whole words (the intermediate pieces would only lengthen the table).
+        pieces = {t for t in pieces if t in counts or len(t) == 1
+                  or (t.startswith("##") and len(t) == 3)}
+    # canonical ids: special tokens first, then sorted
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + sorted(pieces - set(SPECIAL_TOKENS)))}
     tok = _normalization(Tokenizer(models.WordPiece(vocab, unk_token=UNK)))
     return _bert_template(tok)
+
+
+def _wordpiece_vocab(word_counts: dict, size: int) -> set:
+    """WordPiece pieces learnt by byte-pair merging, deterministically.
+
+    Words start as characters (the first as is, the rest as `##c` continuations). Repeatedly the
+    most frequent adjacent pair (ties: the lexicographically smallest) is merged into one piece,
+    in every word holding it, until `size` pieces exist or no pair is left. Pair counts are kept
+    incrementally with a lazy max-heap: an entry whose count changed since it was pushed is
+    skipped, and every pair whose count changes is pushed again. Full SST-2: ~2 s."""
+    import heapq
+    from collections import defaultdict
+    ordered = sorted(word_counts)
+    words = [[w[0]] + ["##" + ch for ch in w[1:]] for w in ordered]
+    freq = [word_counts[w] for w in ordered]
+    vocab = {s for w in words for s in w} | {ch for w in ordered for ch in w}
+    pairs, where = defaultdict(int), defaultdict(set)  # pair -> count, pair -> word indices
+
+    def account(i, sign):
+        w = words[i]
+        for p in zip(w, w[1:]):
+            pairs[p] += sign * freq[i]
+            if sign > 0:
+                where[p].add(i)
+
+    for i in range(len(words)):
+        account(i, +1)
+    heap = [(-c, a, b) for (a, b), c in pairs.items()]
+    heapq.heapify(heap)
+    while len(vocab) < size and heap:
+        c, a, b = heapq.heappop(heap)
+        if c == 0 or pairs.get((a, b), 0) != -c:
+            continue  # stale: the pair's count changed since this entry was pushed
+        new = a + b[2:]  # b is a continuation piece: "##..."
+        vocab.add(new)
+        touched = set()
+        for i in sorted(where.pop((a, b), ())):
+            account(i, -1)
+            touched.update(zip(words[i], words[i][1:]))
+            w, out, k = words[i], [], 0
+            while k < len(w):
+                if k + 1 < len(w) and w[k] == a and w[k + 1] == b:
+                    out.append(new)
+                    k += 2
+                else:
+                    out.append(w[k])
+                    k += 1
+            words[i] = out
+            account(i, +1)
+            touched.update(zip(out, out[1:]))
+        pairs.pop((a, b), None)
+        for p in touched:
+            if pairs.get(p, 0) > 0:
+                heapq.heappush(heap, (-pairs[p], *p))
+    return vocab
 
 
 def load_tokenizer(path: str):
