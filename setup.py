@@ -27,11 +27,14 @@ setup(
     # bench/ runs from the source tree (`python -m bench`); it is not installed.
     packages=["tkd_core", "tkd_core.kernels"],
     package_dir={"tkd_core": "tkd_core", "tkd_core.kernels": "kernels"},
-    install_requires=["torch>=2.4", "triton>=3.2", "numpy>=1.24"],
+    # the default job (`python -m tkd_core.train`) needs these; the study and GLUE through the
+    # hub need the extras; `transformers` is a test and bench dependency only
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy>=1.24", "tokenizers>=0.15",
+                      "safetensors>=0.4", "tqdm>=4.66"],
     extras_require={
-        "train": ["tokenizers>=0.15", "datasets>=2.18", "tqdm>=4.66", "safetensors>=0.4",
-                  "matplotlib>=3.7", "scikit-learn>=1.3"],
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "study": ["matplotlib>=3.7", "scikit-learn>=1.3"],
+        "glue-hub": ["datasets>=2.18"],
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "ruff>=0.5"],
     },
     zip_safe=False,
     **extension_kwargs(),

@@ -250,3 +250,15 @@ def test_missing_ranks_time_out_with_their_names(tmp_path, vocab, rank, match):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and match in r.stderr, r.stderr[-2000:]
     assert time.time() - t0 < 60
+
+
+def test_a_missing_dependency_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "safetensors" else real(name, *a))
+    out = tmp_path / "run"
+    assert train.main(["--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: python -m tkd_core.train needs safetensors: pip install " \
+                          "safetensors" and not out.exists()

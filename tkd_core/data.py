@@ -11,7 +11,8 @@ The task "synthetic" is the built-in offline task (`tkd_core.synthetic`), the de
 
 Evaluation under DDP is sharded: each rank reduces its predictions to sufficient statistics
 (`confusion` for classification; the predictions themselves for regression, gathered), which are
-summed across ranks before the metrics are computed (`metrics_from_confusion`, `regression_metrics`).
+summed across ranks before the metrics are computed (`metrics_from_confusion`,
+`regression_metrics`).
 """
 import dataclasses
 import math
@@ -30,14 +31,14 @@ SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]  # [PAD] gets id 0 (the model's padd
 class TaskSpec:
     name: str
     dirname: str                     # directory name in the GLUE distribution
-    text_a: Union[str, int]          # column holding sentence A (header name, or index if no header)
+    text_a: Union[str, int]          # column of sentence A (header name, or index if no header)
     text_b: Union[str, int, None]    # sentence B for pair tasks
     label: Union[str, int]           # label column
     labels: Optional[tuple]          # label strings in class-id order; None = regression
     metrics: tuple                   # reported metrics; the first is the headline
     header: bool = True
     dev_file: str = "dev.tsv"
-    hf_columns: tuple = ()           # (text_a, text_b) names in `datasets.load_dataset("glue", ...)`
+    hf_columns: tuple = ()           # (text_a, text_b) in `datasets.load_dataset("glue", ...)`
 
     @property
     def num_labels(self) -> int:

@@ -57,7 +57,8 @@ class RunDir:
                 raise RuntimeError(
                     f"--out {self.out} is in use by another trainer (pid {owner.get('pid')} on "
                     f"{owner.get('host')}, lock file {self.lock_path}); wait for it to finish or "
-                    "choose another --out. If no such process exists, delete the lock file.")
+                    "choose another --out. If no such process exists, delete the lock file."
+                ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self._locked = True

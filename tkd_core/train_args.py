@@ -19,7 +19,8 @@ DEFAULT_LR = 5e-4
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m tkd_core.train",
-                                description="train a teacher, a student, or distill one into the other",
+                                description="train a teacher, a student, or distill one into "
+                                            "the other",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--mode", default="pipeline", choices=MODES)
@@ -104,9 +105,21 @@ _AT_LEAST = {
 }
 
 
+def require(*modules: str, what: str = "python -m tkd_core.train") -> None:
+    """A one-line error naming what to install when a run-time dependency is missing, before
+    any work (a default job used to crash on `import safetensors` after training)."""
+    import importlib.util
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pip = {"sklearn": "scikit-learn"}
+        raise ValueError(f"{what} needs {', '.join(missing)}: pip install "
+                         + " ".join(pip.get(m, m) for m in missing))
+
+
 def check_args(args) -> None:
     """Every flag in its valid range, before any work (ValueError naming the flag)."""
     import math
+    require("tokenizers", "safetensors", *(() if args.no_progress else ("tqdm",)))
     gdata.get_task(args.task)  # unknown task -> the valid ones
     for name, (low, inclusive, what) in _AT_LEAST.items():
         v = getattr(args, name)

@@ -1,4 +1,5 @@
-"""python -m tkd_core.study: the study (run.py), or with --estimate N its projection (estimate.py)."""
+"""python -m tkd_core.study: the study (run.py), or with --estimate N its projection
+(estimate.py)."""
 import sys
 
 from .estimate import estimate

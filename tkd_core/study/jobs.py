@@ -85,7 +85,7 @@ def run_tasks(tasks: List[Task], jobs: int, poll: float = 0.2) -> dict:
             if pending or running:
                 time.sleep(poll)
     finally:
-        for t, p, f, _ in running.values():  # interrupted: stop the children, keep checkpoints
+        for _, p, f, _ in running.values():  # interrupted: stop the children, keep checkpoints
             p.terminate()
             try:
                 p.wait(timeout=30)

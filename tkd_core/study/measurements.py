@@ -54,7 +54,7 @@ def tfidf_baseline(train, dev, task: str, reps: int) -> dict:
     lat = {}
     texts = [e.text_a for e in dev] * (1 + max(LATENCY_BATCHES) // max(1, len(dev)))
     for b in LATENCY_BATCHES:
-        lat[b] = median_ms(lambda: pipe.predict(texts[:b]), reps)
+        lat[b] = median_ms(lambda b=b: pipe.predict(texts[:b]), reps)
     return dict(metrics=_metrics(gdata.compute_metrics(task, preds, [e.label for e in dev])),
                 params=int(clf.coef_.size + clf.intercept_.size),
                 size_fp32=size_on_disk(pipe), size_int8=None, latency_ms=lat,

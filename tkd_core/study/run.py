@@ -85,6 +85,8 @@ def parse_args(argv=None):
     a("--estimate", type=int, default=0, metavar="N", help="time every job for one epoch on N "
       "training examples (in <out>/estimate) and project the full study's wall time")
     args = p.parse_args(argv)
+    from ..train_args import require
+    require("tokenizers", "safetensors", "matplotlib", "sklearn", what="python -m tkd_core.study")
     spec = gdata.get_task(args.task)
     if spec.is_pair or spec.num_labels != 2:
         raise ValueError(f"the study runs single-sentence binary tasks (sst2, synthetic); "
