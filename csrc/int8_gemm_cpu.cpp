@@ -217,19 +217,27 @@ int clamp_threads(int64_t nthreads) {
 // Per-token quantization of one row (float32 in L1 after the one read of x)
 
 #if TKD_X86
+// max |x[k]|, or NaN when the row holds a NaN (vmaxps returns its second operand when either is
+// NaN, so NaNs are tracked apart: an unordered compare of each vector with itself).
 TKD_AVX2 float absmax_avx2(const float* x, int64_t K) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+  __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    m0 = _mm256_max_ps(m0, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
-    m1 = _mm256_max_ps(m1, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k + 8)));
+    const __m256 v0 = _mm256_loadu_ps(x + k), v1 = _mm256_loadu_ps(x + k + 8);
+    m0 = _mm256_max_ps(m0, _mm256_andnot_ps(sign, v0));
+    m1 = _mm256_max_ps(m1, _mm256_andnot_ps(sign, v1));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
   }
   alignas(32) float t[8];
   _mm256_store_ps(t, _mm256_max_ps(m0, m1));
   float m = 0.f;
   for (float v : t) m = std::max(m, v);
-  for (; k < K; ++k) m = std::max(m, std::fabs(x[k]));
+  if (_mm256_movemask_ps(nan)) return std::nanf("");
+  for (; k < K; ++k) {
+    if (std::isnan(x[k])) return std::nanf("");
+    m = std::max(m, std::fabs(x[k]));
+  }
   return m;
 }
 
@@ -254,9 +262,12 @@ TKD_AVX2 void quantize_row_avx2(const float* x, int64_t K, float scale, int8_t* 
 }
 #endif
 
-float absmax_scalar(const float* x, int64_t K) {
+float absmax_scalar(const float* x, int64_t K) {  // NaN when the row holds a NaN
   float m = 0.f;
-  for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(x[k]));
+  for (int64_t k = 0; k < K; ++k) {
+    if (std::isnan(x[k])) return std::nanf("");
+    m = std::max(m, std::fabs(x[k]));
+  }
   return m;
 }
 
@@ -314,6 +325,10 @@ float quantize_row(const void* x, int dtype, int64_t sm, int64_t m, int64_t K, f
 #else
   const float amax = absmax_scalar(xf, K);
 #endif
+  if (!std::isfinite(amax)) {  // NaN or +-inf in the row: q = 0, scale NaN, so every output of
+    std::memset(q, 0, static_cast<size_t>(K));  // this row is NaN (the epilogue multiplies by it)
+    return std::nanf("");
+  }
   const float s = amax > 0.f ? amax / 127.f : 1.f;  // all-zero row: finite scale, q = 0
 #if TKD_X86
   if (avx2) quantize_row_avx2(xf, K, s, q);

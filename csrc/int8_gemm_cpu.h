@@ -19,7 +19,8 @@ void pack_b(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, int16
 
 // x: (M, K) rows (row stride sm elements, unit column stride), dtype 0 fp32 / 1 fp16 / 2 bf16.
 // One read of each row: absmax, scale = absmax / 127 (1 for an all-zero row), then
-// q = clamp(round_half_even(x / scale), -127, 127). Writes q (M, K) contiguous and scale (M,).
+// q = clamp(round_half_even(x / scale), -127, 127). A row holding NaN or +-inf gets q = 0 and
+// scale NaN (its outputs are NaN). Writes q (M, K) contiguous and scale (M,).
 void quantize_rows(const void* x, int dtype, int64_t M, int64_t K, int64_t sm, int8_t* q,
                    float* scale, int64_t nthreads);
 

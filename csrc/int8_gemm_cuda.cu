@@ -196,6 +196,7 @@ int8_gemm_kernel(const int8_t* __restrict__ a,       // (M, K) row-major, row st
           if constexpr (OUT == 0) {
             static_cast<int32_t*>(out)[m * ldc + n] = v;
           } else {
+            // a NaN scale (a token holding NaN / inf, see quantize_per_token) gives NaN here
             float y = static_cast<float>(v) * (as * b_scale[n]);
             if (bias != nullptr) y += bias[n];
             Store<OUT>::put(out, m * ldc + n, y);

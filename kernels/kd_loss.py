@@ -373,8 +373,9 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=1.0, alpha=
             ignore_index=-100, reduction="mean"):
     """Fused knowledge-distillation loss.
 
-    student_logits, teacher_logits: (N, V) fp32/fp16/bf16 on one device (the teacher is cast
-    to the student's dtype if it differs, and never receives a gradient).
+    student_logits, teacher_logits: (N, V) fp32/fp16/bf16 on one device; mixed dtypes are
+    computed in the wider one (fp32 for fp16 with fp32), never by rounding the teacher down.
+    The teacher never receives a gradient; the student's gradient has the student's dtype.
     labels: (N,) int64/int32 in [0, V) or `ignore_index`, or None (soft term only).
     Per row: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, label);
     with labels=None: T^2 * KL. Ignored rows are 0 and excluded from the mean.
@@ -383,15 +384,17 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=1.0, alpha=
     _validate(student_logits, teacher_logits, labels, temperature, alpha, ignore_index,
               reduction)
     teacher_logits = teacher_logits.detach()
-    if teacher_logits.dtype != student_logits.dtype:
-        teacher_logits = teacher_logits.to(student_logits.dtype)
     if labels is not None:
         labels = labels.to(torch.int64)
-    if utils.backend(student_logits) == "reference":
+    if utils.backend(student_logits) == "reference":  # fp32 math for any mix of dtypes
         if not torch.compiler.is_compiling():
             _check_label_range(labels, student_logits.shape[1], ignore_index)
         return kd_loss_ref(student_logits, teacher_logits, labels, temperature, alpha,
                            ignore_index, reduction)
+    # mixed dtypes (an fp16 student, fp32 teacher logits): both in the wider dtype, never the
+    # teacher rounded down (7e4 would become inf in fp16); autograd casts the gradient back
+    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, _ = _kd_loss_fwd_op(student_logits, teacher_logits, labels, float(temperature),
                               float(alpha), int(ignore_index), reduction, compute_grad)
@@ -405,7 +408,8 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=1.0, alpha=
 def kd_loss_ref(student_logits, teacher_logits, labels=None, temperature=1.0, alpha=0.5,
                 ignore_index=-100, reduction="mean"):
     """Torch reference, computed in fp32 (float64 for float64 inputs); loss fp32 / float64."""
-    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    acc = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype),
+                              torch.float32)
     s = student_logits.to(acc)
     t = teacher_logits.to(acc)
     T = temperature

@@ -6,8 +6,21 @@ returned so pre-LN models keep their residual stream):
     mean = sum(h) / N            var = sum((h - mean)^2) / N        rstd = 1 / sqrt(var + eps)
     xhat = (h - mean) * rstd     y = xhat * w + b
 
-Statistics are fp32 for every input dtype; mean and rstd are saved (fp32, one per row) for the
-backward. Backward: with g = w * dy and d rstd / d h_j = -rstd^2 * xhat_j / N, the Jacobian is
+Numerics. Statistics are fp32 for every input dtype. LN is invariant to shifting a row, and to
+scaling it (up to eps), so the statistics are computed on c = (h - p) / s, with the pivot p = h_0
+(the row's first element) and s = 1, or max|h - p| for rows where that exceeds BIG = 2^40:
+
+    mean_c = sum(c) / N      var_c = sum((c - mean_c)^2) / N      rstd = 1 / (s sqrt(var_c + eps / s^2))
+
+- The shift keeps a large mean out of the sums: a row of mean 1e6 and std 1 has h - p = O(1),
+  exact in fp32, where sum(h) / N would carry ulp(1e6) = 0.06 of error into every xhat.
+- The scale keeps squares finite: (h - p)^2 overflows fp32 past |h - p| ~ 1.8e19, and a row of
+  magnitude 1e30 then normalized to exactly the bias; scaled, any finite row normalizes.
+Rows of ordinary magnitude have s = 1 and are computed exactly as without it. The per-row
+statistics saved for the backward are mean = s * mean_c (relative to p) and rstd; the backward
+reloads p and forms xhat = ((h - p) - mean) * rstd. A row holding NaN or inf gives NaN.
+
+Backward: with g = w * dy and d rstd / d h_j = -rstd^2 * xhat_j / N, the Jacobian is
 d xhat_i / d h_j = rstd * (delta_ij - 1/N - xhat_i * xhat_j / N), so
 
     dh = rstd * (g - xhat * c1 - c2),   c1 = sum(g * xhat) / N,   c2 = sum(g) / N
@@ -30,10 +43,10 @@ Kernels and tiling (one heuristic, `config(N, backward)`, used by the launchers 
 """
 import dataclasses
 import functools
+import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -46,11 +59,29 @@ SMALL_TILE = 1024   # elements per program when several short rows share one
 MAX_BLOCK = 8192    # widest row held in registers by the forward; wider rows are swept in chunks
 MAX_BLOCK_BWD = 4096  # the backward keeps dw/db accumulators too: 8192 spills at 16 warps
 CHUNK = 4096        # column chunk of the swept path
+BIG = 2.0 ** 40     # rows with max|h - p| past this are scaled to 1 before squaring (see above)
+_BIG = tl.constexpr(BIG)
 
 
 # ------------------------------------------------------------------------------------------
 # Kernels
 # ------------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_pivot(X, R, H, first, ok, HAS_RES: tl.constexpr):
+    """p = h at the rows' first elements `first` (x, or x + residual rounded like h), fp32."""
+    p = tl.load(X + first, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + first, mask=ok, other=0.0).to(tl.float32)
+        p = (p + r).to(H.dtype.element_ty).to(tl.float32)
+    return p
+
+
+@triton.jit
+def _spread_scale(amax):
+    """s: 1, or the row's max|h - p| itself when it is past BIG (NaN: 1, and NaN propagates)."""
+    return tl.where(amax > _BIG, amax, 1.0)
+
 
 @triton.jit
 def _layer_norm_fwd(
@@ -78,15 +109,19 @@ def _layer_norm_fwd(
         h = (h + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
         tl.store(H + offs, h, mask=mask)
         h = h.to(tl.float32)
-    mean = tl.sum(h, axis=1) / N  # (ROWS,)
-    d = tl.where(mask, h - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / N + eps)
+    p = _row_pivot(X, R, H, rows.to(tl.int64) * N, row_ok, HAS_RES)  # (ROWS,)
+    c = tl.where(mask, h - p[:, None], 0.0)
+    inv_s = 1.0 / _spread_scale(tl.max(tl.abs(c), axis=1))  # (ROWS,), 1 for ordinary rows
+    c = c * inv_s[:, None]
+    mean = tl.sum(c, axis=1) / N  # (ROWS,) of c
+    d = tl.where(mask, c - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / N + eps * inv_s * inv_s)  # of c
     w = tl.load(W + cols, mask=col_ok, other=0.0)
     b = tl.load(B + cols, mask=col_ok, other=0.0)
     y = d * rstd[:, None] * w[None, :] + b[None, :]
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + rows, mean, mask=row_ok)
-    tl.store(Rstd + rows, rstd, mask=row_ok)
+    tl.store(Mean + rows, mean / inv_s, mask=row_ok)  # of h - p
+    tl.store(Rstd + rows, rstd * inv_s, mask=row_ok)  # of h
 
 
 @triton.jit
@@ -98,10 +133,14 @@ def _layer_norm_fwd_chunked(
     row = tl.program_id(0)
     base = row.to(tl.int64) * N
     cols = tl.arange(0, BLOCK_N)
-    # sweep 1: statistics, merging per-chunk (count, mean, M2) with Chan's parallel formula
+    p = _row_pivot(X, R, H, base, True, HAS_RES)
+    # sweep 1: statistics of c = (h - p) / s, merging per-chunk (count, mean, M2) with Chan's
+    # parallel formula; s grows to the largest max|h - p| past BIG seen so far, and the running
+    # mean and M2 are rescaled by s_old / s_new (s_old^2 / s_new^2) when it does
     count = 0.0
     mean = 0.0
     m2 = 0.0
+    s = 1.0
     for start in range(0, N, BLOCK_N):
         c = start + cols
         ok = c < N
@@ -111,18 +150,26 @@ def _layer_norm_fwd_chunked(
                 H.dtype.element_ty)
             tl.store(H + base + c, h, mask=ok)  # sweep 2 reads it back
             h = h.to(tl.float32)
+        hs = tl.where(ok, h - p, 0.0)
+        s_new = tl.maximum(s, _spread_scale(tl.max(tl.abs(hs), axis=0)))
+        r = s / s_new  # 1 unless the scale grew
+        mean = mean * r
+        m2 = m2 * r * r
+        s = s_new
+        hs = hs * (1.0 / s)
         n_c = tl.minimum(N - start, BLOCK_N).to(tl.float32)
-        mean_c = tl.sum(h, axis=0) / n_c
-        d = tl.where(ok, h - mean_c, 0.0)
+        mean_c = tl.sum(hs, axis=0) / n_c
+        d = tl.where(ok, hs - mean_c, 0.0)
         m2_c = tl.sum(d * d, axis=0)
         total = count + n_c
         delta = mean_c - mean
         mean = mean + delta * (n_c / total)
         m2 = m2 + m2_c + delta * delta * (count * n_c / total)
         count = total
-    rstd = 1.0 / tl.sqrt(m2 / N + eps)
-    tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
+    inv_s = 1.0 / s
+    rstd = 1.0 / tl.sqrt(m2 / N + eps * inv_s * inv_s)  # of c
+    tl.store(Mean + row, mean * s)  # of h - p
+    tl.store(Rstd + row, rstd * inv_s)  # of h
     if HAS_RES:
         tl.debug_barrier()  # h written above is visible to every thread of the program
     # sweep 2: normalize
@@ -135,7 +182,7 @@ def _layer_norm_fwd_chunked(
             h = tl.load(X + base + c, mask=ok, other=0.0).to(tl.float32)
         w = tl.load(W + c, mask=ok, other=0.0)
         b = tl.load(B + c, mask=ok, other=0.0)
-        y = (h - mean) * rstd * w + b
+        y = ((h - p) * inv_s - mean) * rstd * w + b
         tl.store(Y + base + c, y.to(Y.dtype.element_ty), mask=ok)
 
 
@@ -146,7 +193,7 @@ def _layer_norm_bwd(
     DY,         # (M, N) grad of y
     DH,         # (M, N) grad of the returned h (unused unless HAS_DH)
     DX,         # (M, N) output: grad of h (= dx = dresidual)
-    Mean, Rstd,  # (M,) fp32 from the forward
+    Mean, Rstd,  # (M,) fp32 from the forward (Mean relative to the row's first element)
     DWp, DBp,   # (num_programs, BLOCK_N) fp32 outputs: this program's partial dw, db
     M, N, num_tiles,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr,
@@ -165,9 +212,10 @@ def _layer_norm_bwd(
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
         h = tl.load(Hin + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(Hin + rows.to(tl.int64) * N, mask=row_ok, other=0.0).to(tl.float32)
         mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+        xhat = tl.where(mask, ((h - p[:, None]) - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * w[None, :]
         c1 = tl.sum(g * xhat, axis=1) / N
         c2 = tl.sum(g, axis=1) / N
@@ -195,6 +243,7 @@ def _layer_norm_bwd_chunked(
     part = pid.to(tl.int64) * N  # this program's row of DWp / DBp
     for row in range(pid, M, num_progs):
         base = tl.cast(row, tl.int64) * N
+        p = tl.load(Hin + base).to(tl.float32)
         mean = tl.load(Mean + row)
         rstd = tl.load(Rstd + row)
         # sweep 1: c1 = sum(g * xhat) / N, c2 = sum(g) / N
@@ -206,7 +255,7 @@ def _layer_norm_bwd_chunked(
             h = tl.load(Hin + base + c, mask=ok, other=0.0).to(tl.float32)
             dy = tl.load(DY + base + c, mask=ok, other=0.0).to(tl.float32)
             w = tl.load(W + c, mask=ok, other=0.0)
-            xhat = tl.where(ok, (h - mean) * rstd, 0.0)
+            xhat = tl.where(ok, ((h - p) - mean) * rstd, 0.0)
             g = dy * w
             s1 += tl.sum(g * xhat, axis=0)
             s2 += tl.sum(g, axis=0)
@@ -221,7 +270,7 @@ def _layer_norm_bwd_chunked(
             h = tl.load(Hin + base + c, mask=ok, other=0.0).to(tl.float32)
             dy = tl.load(DY + base + c, mask=ok, other=0.0).to(tl.float32)
             w = tl.load(W + c, mask=ok, other=0.0)
-            xhat = tl.where(ok, (h - mean) * rstd, 0.0)
+            xhat = tl.where(ok, ((h - p) - mean) * rstd, 0.0)
             dx = (dy * w - (xhat * c1 + c2)) * rstd
             if HAS_DH:
                 dx += tl.load(DH + base + c, mask=ok, other=0.0).to(tl.float32)
@@ -432,8 +481,9 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
         if residual.shape != x.shape:
             raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, "
                              f"got {tuple(residual.shape)}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+            math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite non-negative float, got {eps!r}")
     if backend(x) == "reference":
         return layer_norm_ref(x, weight, bias, eps, residual)
     y, h, _, _ = _layer_norm_fwd_op(x, weight, bias, float(eps), residual)
@@ -444,11 +494,48 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
 # Torch reference (the CPU path, and the tests' float64 reference)
 # ------------------------------------------------------------------------------------------
 
+COND = 2.0 ** 8  # |mean| * rstd past this: torch's fp32 mean loses > 2^-16 of xhat
+
+
 def layer_norm_ref(x, weight=None, bias=None, eps=1e-5, residual=None):
-    """Torch reference: y = LN(x + residual); returns y, or (y, x + residual) with a residual."""
+    """Torch reference: y = LN(x + residual); returns y, or (y, x + residual) with a residual.
+
+    Eagerly: torch's fused LayerNorm, whose statistics also say whether it was accurate; rows of
+    a large mean next to their spread (|mean| * rstd > COND) or whose variance overflowed fp32
+    (rstd = 0) are recomputed by `_layer_norm_stable`. Under torch.compile (no data-dependent
+    branch) always `_layer_norm_stable`, which inductor fuses."""
     h = x if residual is None else x + residual
-    y = F.layer_norm(h, h.shape[-1:], weight, bias, eps)
+    if torch.compiler.is_compiling():
+        y = _layer_norm_stable(h, weight, bias, eps)
+    else:
+        y, mean, rstd = torch.native_layer_norm(h, h.shape[-1:], weight, bias, eps)
+        if mean.numel() and not _accurate(mean, rstd):
+            y = _layer_norm_stable(h, weight, bias, eps)
     return y if residual is None else (y, h)
+
+
+def _accurate(mean, rstd) -> bool:
+    """Whether fp32 statistics are accurate for every row: |mean| * rstd <= COND (False for a
+    NaN) and rstd > 0. Two reductions, a few microseconds: it runs on every eager CPU call."""
+    return (float(torch.linalg.vector_norm(mean * rstd, float("inf"))) <= COND
+            and float(rstd.min()) > 0)
+
+
+def _layer_norm_stable(h, weight, bias, eps):
+    """LN with the kernels' numerics (see the module docstring): statistics of (h - p) / s in
+    fp32 (float64 for float64 h), y cast back to h's dtype."""
+    hf = h.to(torch.promote_types(h.dtype, torch.float32))
+    c = hf - hf[..., :1]
+    a = c.abs().amax(-1, keepdim=True)
+    s = torch.where(a > BIG, a, torch.ones_like(a))
+    c = c / s
+    d = c - c.mean(-1, keepdim=True)
+    y = d * torch.rsqrt((d * d).mean(-1, keepdim=True) + eps / (s * s))
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y.to(h.dtype)
 
 
 # ------------------------------------------------------------------------------------------

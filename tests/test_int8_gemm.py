@@ -177,6 +177,75 @@ def test_quantize_zero_row_and_noncontiguous():
         tkd_core.ops.quantize_per_token(torch.ones(3, 0))
 
 
+@pytest.fixture(params=["avx2", "scalar"])
+def isa(request):
+    """Both CPU paths of the quantizer (the AVX2 one where the CPU has it)."""
+    if request.param == "avx2" and G.set_cpu_isa("auto") != "avx2":
+        pytest.skip("this CPU has no AVX2")
+    G.set_cpu_isa("scalar" if request.param == "scalar" else "auto")
+    yield request.param
+    G.set_cpu_isa("auto")
+
+
+def non_finite_rows(M, K, dtype):
+    """(x (M, K), bad (M,) bool): rows 0-3 hold NaN / +inf / -inf at the start, the middle (the
+    16-wide vector loop) and the last column (the scalar tail), the other rows are finite."""
+    x = (torch.randn(M, K) * 3).to(dtype)
+    x[0, 0] = float("nan")
+    x[1, K - 1] = float("inf")
+    x[2, K // 2] = -float("inf")
+    x[3, K // 2] = float("nan")
+    x[3, K - 1] = float("inf")
+    bad = torch.zeros(M, dtype=torch.bool)
+    bad[:4] = True
+    return x, bad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K", [5, 37, 4099])
+def test_non_finite_rows_quantize_to_nan_scale(isa, dtype, K):
+    x, bad = non_finite_rows(7, K, dtype)
+    q, s = tkd_core.ops.quantize_per_token(x)
+    qr, sr = G.quantize_per_token_ref(x)
+    assert torch.isnan(s[bad]).all() and (q[bad] == 0).all(), (isa, s, q[bad].abs().max())
+    assert torch.isfinite(s[~bad]).all()
+    assert torch.equal(q, qr) and torch.equal(s.isnan(), sr.isnan())
+    assert torch.equal(s[~bad], sr[~bad])
+    # the finite rows are quantized as if alone
+    q1, s1 = tkd_core.ops.quantize_per_token(x[~bad])
+    assert torch.equal(q[~bad], q1) and torch.equal(s[~bad], s1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N", [(7, 5, 3), (257, 37, 7), (9, 4099, 16)])
+def test_non_finite_tokens_give_nan_rows_in_int8_linear(isa, dtype, M, K, N):
+    lin = torch.nn.Linear(K, N)
+    q = Int8Linear.from_float(lin)
+    x, bad = non_finite_rows(M, K, dtype)
+    with torch.no_grad():
+        y, ref = q(x), lin.to(dtype)(x)
+        alone = q(x[~bad])
+    assert (~torch.isfinite(ref[bad])).all()  # nn.Linear: NaN or +-inf in every bad row
+    assert torch.isnan(y[bad]).all(), "a token with NaN/inf must not give finite outputs"
+    assert torch.isfinite(y[~bad]).all() and torch.equal(y[~bad], alone)
+    # the GEMM's epilogue propagates a NaN per-token scale by itself
+    a, w = rand_i8(M, K), rand_i8(N, K)
+    sa = torch.rand(M) + 0.5
+    sa[bad] = float("nan")
+    out = tkd_core.ops.int8_gemm(a, w, sa, torch.rand(N) + 0.5, torch.randn(N))
+    assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
+
+
+def test_non_finite_weight_channel_gives_nan_column():
+    lin = torch.nn.Linear(37, 5)
+    with torch.no_grad():
+        lin.weight[2, 7] = float("nan")
+        q = Int8Linear.from_float(lin)
+        y = q(torch.randn(4, 37))
+    assert torch.isnan(q.weight_scale[2]) and (q.weight[2] == 0).all()
+    assert torch.isnan(y[:, 2]).all() and torch.isfinite(y[:, [0, 1, 3, 4]]).all()
+
+
 # ------------------------------------------------------------------------------------------
 # threads, quantize_model (Int8Linear itself: tests/test_nn.py)
 

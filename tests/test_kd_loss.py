@@ -236,8 +236,8 @@ def test_mixed_dtypes_noncontiguous_and_int32_labels():
     s = torch.randn(6, 20, dtype=torch.float16).T  # non-contiguous (20, 6), column stride 20
     t = torch.randn(20, 6, dtype=torch.float32)
     y = torch.randint(0, 6, (40,), dtype=torch.int32)[::2]  # strided int32 labels
-    loss = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.5)
-    assert_close(loss, ref64(s, t.half(), y, 2.0, 0.5), 1e-4, "fp16 student, fp32 teacher")
+    loss = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.5)  # computed in fp32: t is not rounded
+    assert_close(loss, ref64(s, t, y, 2.0, 0.5), 1e-4, "fp16 student, fp32 teacher")
     s = torch.randn(20, 10)[:, 3:9].requires_grad_()  # row stride 10, unit column stride
     y = torch.randint(0, 6, (40,))[::2]  # strided int64 labels
     loss = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.5, reduction="none")
@@ -246,6 +246,32 @@ def test_mixed_dtypes_noncontiguous_and_int32_labels():
     ref64(s64, t, y, 2.0, 0.5, reduction="none").sum().backward()
     assert_close(loss, ref64(s, t, y, 2.0, 0.5, reduction="none"), 1e-5, "row-strided")
     assert_close(s.grad, s64.grad, 1e-5, "row-strided grad")
+
+
+@pytest.mark.parametrize("path", ["interpreter", "reference"])
+@pytest.mark.parametrize("student_dtype", [torch.float16, torch.bfloat16])
+def test_fp32_teacher_is_not_rounded_to_a_half_student(path, student_dtype, monkeypatch):
+    """Teacher logits of 7e4 (fp32) with an fp16 student: cast to fp16 they were inf and the
+    loss NaN. Mixed dtypes are computed in fp32; the gradient comes back in the student's dtype."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "interpreter" else "0")
+    assert tkd_core.ops.backend(torch.zeros(1)) == path
+    N, V = 5, 33
+    s = torch.randn(N, V).to(student_dtype)
+    t = torch.randn(N, V) * 3
+    t[0, 4], t[1, 0], t[3, 32] = 7e4, -7e4, 1e5
+    y = torch.tensor([4, 1, IGNORE, 32, 0])
+    s_ours = s.clone().requires_grad_()
+    loss = tkd_core.ops.kd_loss(s_ours, t, y, 2.0, 0.5, reduction="none")
+    go = grad_output_like(loss)
+    loss.backward(go)
+    s64 = s.double().requires_grad_()
+    ref = ref64(s64, t, y, 2.0, 0.5, reduction="none")
+    ref.backward(go.double())
+    assert torch.isfinite(loss).all() and torch.isfinite(s_ours.grad).all()
+    assert s_ours.grad.dtype == student_dtype
+    mag = magnitude64(s, t, y, 2.0, 0.5, reduction="none")
+    assert_loss_close(loss, ref, mag, 1e-5, f"loss {student_dtype} {path}")
+    assert_close(s_ours.grad, s64.grad, GRAD_TOL[student_dtype], f"grad {student_dtype} {path}")
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])

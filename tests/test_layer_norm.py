@@ -172,6 +172,35 @@ def test_large_mean_is_stable():
         assert_close(y, reference64(x, None, None, 1e-5, None), 1e-3, f"N={N}")
 
 
+@pytest.mark.parametrize("path", ["interpreter", "reference"])
+@pytest.mark.parametrize("kind", ["mean 1e6", "magnitude 1e30"])
+@pytest.mark.parametrize("N", [7, 768, 9000])  # 7: 8 rows per program; 9000: chunked kernels
+def test_ill_conditioned_rows_on_every_path(path, kind, N, monkeypatch):
+    """Rows of mean 1e6 and std 1 (fp32 sums of h lose ~0.06 of xhat), and rows of magnitude
+    1e30 (squares overflow fp32: Triton returned the bias, torch NaN) next to an ordinary row:
+    forward and every gradient within fp32 tolerance of float64, not widened by conditioning."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "interpreter" else "0")
+    assert tkd_core.ops.backend(torch.zeros(1)) == path
+    x, w, b, r = make_inputs(3, N, torch.float32, residual=True)
+    x[1:] = 1e6 + torch.randn(2, N) if kind == "mean 1e6" else torch.randn(2, N) * 1e30
+    gy, gh = torch.randn(3, N, dtype=torch.float64), torch.randn(3, N, dtype=torch.float64)
+    got = run(ours, x, w, b, r, gy, gh)
+
+    def ref64(*args):  # LN of exactly the returned (rounded) h = x + r, as the op documents
+        return reference64(*args, h_rounded=got[1])
+    ref = run(ref64, x.double(), w.double(), b.double(), r.double(), gy, gh)
+    names = ("y", "x + residual", "dx", "dweight", "dbias", "dresidual")
+    for name, g, e, length in zip(names, got, ref, (N, 1, N, 3, 3, N)):
+        assert torch.isfinite(g).all(), f"{name}: not finite ({kind}, {path})"
+        if name in ("dx", "dresidual"):  # per row: dx of a 1e30 row is ~1e-30
+            for i in range(3):
+                assert_close(g[i], e[i], 4 * sum_tol(torch.float32, length),
+                             f"{name} row {i} ({kind}, N={N}, {path})")
+        else:
+            assert_close(g, e, 4 * sum_tol(torch.float32, length), f"{name} ({kind}, N={N}, "
+                         f"{path})")
+
+
 def test_outputs_fully_written_under_poison():
     # launchers allocate through utils.empty (NaN under TKD_POISON_OUTPUTS=1): every element of
     # y, h, mean, rstd, dx and the partial dw/db rows must be overwritten
@@ -227,6 +256,12 @@ def test_bad_inputs():
         tkd_core.ops.layer_norm(x, eps=-1.0)
 
 
+@pytest.mark.parametrize("eps", [float("nan"), float("inf"), -1e-5, True, "1e-5"])
+def test_eps_must_be_finite_and_non_negative(eps):
+    with pytest.raises(ValueError, match=r"eps must be a finite non-negative float, got"):
+        tkd_core.ops.layer_norm(torch.randn(2, 8), eps=eps)
+
+
 @pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8), (4, 0)])
 def test_empty(shape):
     N = shape[-1]
@@ -264,6 +299,22 @@ def test_torch_compile_fullgraph():
     assert_close(out, out_e, 1e-6, "compiled output")
     for name, a, e in zip(("dx", "dw", "db", "dr"), grads, grads_e):
         assert_close(a, e, 1e-6, f"compiled {name}")
+
+
+def test_reference_path_compiles_fullgraph(reference_backend):
+    # the eager CPU path checks its statistics (a data-dependent branch); compiled, it always
+    # takes the stable formula: same results, ordinary and ill-conditioned rows alike
+    x, w, b, r = make_inputs(4, 96, torch.float32, residual=True)
+    x[1] = 1e6 + torch.randn(96)
+    x[2] = torch.randn(96) * 1e30
+
+    def block(x, w, b, r):
+        y, h = tkd_core.ops.layer_norm(x, w, b, residual=r)
+        return y * 2, h
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(x, w, b, r), block(x, w, b, r)):
+        assert_close(got, want, sum_tol(torch.float32, 96), "compiled reference path")
 
 
 def test_aot_specs_cover_every_launch_config():

@@ -15,6 +15,11 @@ reproduces the int64 result quickly.
 `quantize_per_token(x)` is symmetric per row (token): scale = absmax / 127 (1 for an all-zero
 row), q = clamp(round_half_even(x / scale), -127, 127), so q never takes -128 and x ~ q * scale.
 
+Non-finite inputs propagate: a row holding NaN or +-inf quantizes to q = 0 with scale NaN, so
+the epilogue makes every output of that row NaN (nn.Linear gives NaN or +-inf there): a bad
+token never turns into finite numbers. The C++ quantizer (AVX2 and scalar), the torch reference
+(which the CUDA path uses) and the CUDA GEMM's epilogue all do this.
+
 Dispatch. CPU tensors run our C++ kernel (AVX2 with vpmaddwd on widened int16 operands, exact,
 chosen at run time; portable scalar fallback: `cpu_isa()`), which IS the fast CPU path of this op.
 CUDA tensors run the tensor-core kernel (mma.sync m16n8k32 s8, cp.async pipeline) when
@@ -333,6 +338,7 @@ def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
     Returns (q int8 (..., K) in [-127, 127], scale float32 (...)) with scale = absmax / 127 per
     row (1 for an all-zero row) and q = round_half_even(x / scale); x ~ q * scale[..., None].
+    A row holding NaN or +-inf gets q = 0 and scale NaN.
     On CPU one fused pass (one read of x); on CUDA the torch reference.
     Registered as torch.ops.tkd.quantize_per_token.
     """
@@ -363,11 +369,14 @@ def int8_gemm_ref(a, b, a_scale=None, b_scale=None, bias=None, out_dtype=None):
 
 
 def quantize_per_token_ref(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reference of `quantize_per_token` in torch (float32 math, same rounding)."""
+    """Reference of `quantize_per_token` in torch (float32 math, same rounding, same NaN rows)."""
     xf = x.float()
-    amax = xf.abs().amax(dim=-1)  # (...)
+    amax = xf.abs().amax(dim=-1)  # (...); NaN when the row holds a NaN, inf when it holds an inf
+    finite = torch.isfinite(amax)
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    q = torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    scale = torch.where(finite, scale, torch.full_like(amax, float("nan")))
+    q = torch.round(xf / scale[..., None]).clamp_(-127, 127)
+    q = torch.where(finite[..., None], q, torch.zeros_like(q)).to(torch.int8)
     return q, scale
 
 
