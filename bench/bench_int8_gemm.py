@@ -31,8 +31,8 @@ def _fbgemm_static(w, bias):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scale = w.abs().amax(1) / 127
-        qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(w.shape[0], dtype=torch.long),
-                                        0, torch.qint8)
+        zero = torch.zeros(w.shape[0], dtype=torch.long)
+        qw = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
         return torch.ops.quantized.linear_prepack(qw, bias)
 
 

@@ -10,7 +10,7 @@ Numerics. Statistics are fp32 for every input dtype. LN is invariant to shifting
 scaling it (up to eps), so the statistics are computed on c = (h - p) / s, with the pivot p = h_0
 (the row's first element) and s = 1, or max|h - p| for rows where that exceeds BIG = 2^40:
 
-    mean_c = sum(c) / N      var_c = sum((c - mean_c)^2) / N      rstd = 1 / (s sqrt(var_c + eps / s^2))
+    mean_c = sum(c) / N     var_c = sum((c - mean_c)^2) / N     rstd = 1 / (s sqrt(var_c + eps/s^2))
 
 - The shift keeps a large mean out of the sums: a row of mean 1e6 and std 1 has h - p = O(1),
   exact in fp32, where sum(h) / N would carry ulp(1e6) = 0.06 of error into every xhat.

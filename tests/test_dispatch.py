@@ -1,5 +1,4 @@
 """The one dispatch rule shared by every op, and the package layout it relies on."""
-import importlib.util
 import os
 import subprocess
 import sys

@@ -147,7 +147,8 @@ def _validate_gemm(a, b, a_scale, b_scale, bias, out_dtype, *, packed_k=None):
         if not scaled:
             allowed = (torch.int32,)
         else:
-            allowed = (torch.float32, torch.float16, torch.bfloat16) if a.is_cuda else (torch.float32,)
+            allowed = ((torch.float32, torch.float16, torch.bfloat16) if a.is_cuda
+                       else (torch.float32,))
         if out_dtype not in allowed:
             names = ", ".join(str(d).replace("torch.", "") for d in allowed)
             raise ValueError(f"out_dtype must be one of ({names}) on {a.device.type} "
@@ -178,7 +179,7 @@ def pack_weight(b: torch.Tensor) -> PackedInt8Weight:
 
 
 def _cpu_scales(scaled, a_scale, b_scale, bias, M, N, device):
-    """float32 contiguous (M,), (N,), (N,) tensors (kept alive by the caller) and their addresses."""
+    """float32 contiguous (M,), (N,), (N,) tensors (kept alive by the caller), their addresses."""
     if not scaled:
         return [], [0, 0, 0]
     keep = [_vec(a_scale, M, device), _vec(b_scale, N, device),
@@ -433,7 +434,8 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("Int8Linear is inference only: it has no gradient. Run it under "
-                               "torch.no_grad() / torch.inference_mode(), or use nn.Linear to train")
+                               "torch.no_grad() / torch.inference_mode(), or use nn.Linear to "
+                               "train")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must end in in_features={self.in_features}, got shape "
                              f"{tuple(x.shape)}")
