@@ -147,13 +147,13 @@ def test_ddp_two_processes_match_one(tmp_path, vocab, reference_backend, task):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, vocab, reference_backend,
                                                        monkeypatch, capsys):
-    real, calls = distill.HardLabel.__call__, []
+    real, calls = distill.HardLabel.forward, []
 
     def poisoned(*a, **k):
         calls.append(1)
         loss, parts = real(*a, **k)
         return (loss * float("nan"), parts) if len(calls) == 4 else (loss, parts)
-    monkeypatch.setattr(distill.HardLabel, "__call__", poisoned)
+    monkeypatch.setattr(distill.HardLabel, "forward", poisoned)
     rc = train.main(["--mode", "teacher", "--max-steps", "6", "--save-every", "1"]
                     + tiny_args(vocab, tmp_path))
     assert rc == 1

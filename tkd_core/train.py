@@ -38,9 +38,11 @@ import torch
 import torch.distributed as dist
 
 from . import data as gdata
+from .augment import augment
+from .distributed import all_reduce, setup_distributed
 from .checkpoint import (CHECKPOINT, clean_state_dict, export_safetensors, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state, unwrap)
-from .distill import Distiller, HardLabel, LogitsKD, all_teacher_logits, load_teacher
+from .distill import IGNORE, all_teacher_logits, build_objective, load_teacher
 from .measure import cpu_threads, evaluate, format_table, param_count, size_bytes
 from .model import ModelConfig, build_model
 from .rundir import RunDir
@@ -48,64 +50,14 @@ from .train_args import (DEFAULT_LR, DEFAULT_PRESET, check_resume, parse_args, p
                          recorded)
 
 
+PARTS = ("hard_loss", "kd_loss", "hidden_loss", "attention_loss")  # logged loss terms
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
 
 # ----------------------------------------------------------------------------------- setup
-
-
-def setup_distributed(args):
-    """(rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA, else gloo."""
-    want_cuda = args.device.startswith("cuda") or (args.device == "auto"
-                                                    and torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if want_cuda:  # cuda:N names the device of a one-process run; torchrun: the local rank
-        index = int(args.device.split(":")[1]) if ":" in args.device else local
-        torch.cuda.set_device(index)
-        device = torch.device("cuda", index)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        rendezvous(rank, world, args.dist_timeout, "nccl" if want_cuda else "gloo")
-    return rank, world, device
-
-
-def rendezvous(rank, world, timeout_s, backend):
-    """init_process_group through a store on which every rank checks in, so that a rank whose
-    peers never start stops after --dist-timeout naming them, instead of waiting forever.
-    Under torchrun the agent hosts the store (every rank is a client); else rank 0 does."""
-    import datetime
-    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = int(os.environ.get("MASTER_PORT", "29500"))
-    timeout = datetime.timedelta(seconds=timeout_s)
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    try:
-        store = dist.TCPStore(addr, port, world, is_master=rank == 0 and not agent,
-                              timeout=timeout, wait_for_workers=False)
-    except Exception as e:
-        raise RuntimeError(f"rank {rank}: could not reach rank 0's store at {addr}:{port} within "
-                           f"{timeout_s:g} s (--dist-timeout): rank 0 never started or is "
-                           f"unreachable ({type(e).__name__})") from None
-    store = dist.PrefixStore(f"tkd{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    keys = [f"joined/{r}" for r in range(world)]
-    store.set(keys[rank], "1")
-    try:
-        store.wait(keys, timeout)
-    except Exception:
-        missing = [r for r in range(world) if not store.check([keys[r]])]
-        raise RuntimeError(f"rank {rank}: rank(s) {missing} of WORLD_SIZE={world} did not start "
-                           f"within {timeout_s:g} s (--dist-timeout); start every rank with the "
-                           f"same MASTER_ADDR:MASTER_PORT ({addr}:{port})") from None
-    dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank,
-                            world_size=world, timeout=timeout)
-
-
-def all_reduce(t, world):
-    if world > 1:
-        dist.all_reduce(t)
-    return t
 
 
 def load_data(args, tokenizer_json=None):
@@ -123,7 +75,11 @@ def load_data(args, tokenizer_json=None):
             msg = [tok.to_str()]
             dist.broadcast_object_list(msg, src=0)
             tok = Tokenizer.from_str(msg[0])
-    return spec, tok, gdata.encode(tok, train, args.max_len), gdata.encode(tok, dev, args.max_len)
+    train_items = gdata.encode(tok, train, args.max_len)
+    if args.mode == "distill" and args.augment:  # the transfer set: teacher-labelled copies
+        train_items += augment(tok, train, args.augment, args.seed, args.max_len,
+                                     label=float("nan") if spec.labels is None else IGNORE)
+    return spec, tok, train_items, gdata.encode(tok, dev, args.max_len)
 
 
 def model_config(args, spec, tok) -> ModelConfig:
@@ -154,10 +110,13 @@ def warmup_steps(args, total):
     return int(args.warmup * total) if args.warmup < 1 else int(args.warmup)
 
 
-def make_optimizer(model, args, device, total_steps):
-    """AdamW (no decay on biases and LayerNorm) and a linear warmup + linear decay schedule."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+def make_optimizer(model, args, device, total_steps, objective=None):
+    """AdamW (no decay on biases and LayerNorm) over the model's parameters and the objective's
+    (a hidden-state projection), and a linear warmup + linear decay schedule."""
+    named = list(model.named_parameters()) + (list(objective.named_parameters())
+                                              if objective is not None else [])
+    decay = [p for n, p in named if p.dim() >= 2]
+    no_decay = [p for n, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=DEFAULT_LR if args.lr is None else args.lr,
@@ -186,6 +145,7 @@ class TrainState:
     pos: int = 0                   # micro-batches done in this epoch
     skipped: int = 0               # fp16 steps skipped for inf/NaN gradients
     last_eval: dict = None
+    objective: torch.nn.Module = None  # the loss; its parameters (a projection) train too
 
     def to_checkpoint(self, cfg, spec, tok, args, world) -> dict:
         """The checkpoint dict; collective under DDP (every rank's RNG state is gathered)."""
@@ -198,7 +158,8 @@ class TrainState:
                 "scaler": self.scaler.state_dict(), "rng": rngs, "step": self.step,
                 "epoch": self.epoch, "batch_in_epoch": self.pos, "skipped_steps": self.skipped,
                 "config": cfg.to_dict(), "task": spec.name, "tokenizer": tok.to_str(),
-                "metrics": self.last_eval, "args": recorded(args)}
+                "metrics": self.last_eval, "args": recorded(args),
+                "objective": self.objective.state_dict() if self.objective is not None else {}}
 
     def load(self, ck, rank, world):
         unwrap(self.model).load_state_dict(ck["model"])
@@ -208,6 +169,8 @@ class TrainState:
             self.scaler.load_state_dict(ck["scaler"])
         self.step, self.epoch, self.pos = ck["step"], ck["epoch"], ck["batch_in_epoch"]
         self.skipped, self.last_eval = ck.get("skipped_steps", 0), ck.get("metrics")
+        if self.objective is not None and ck.get("objective"):
+            self.objective.load_state_dict(ck["objective"])
         rngs = ck["rng"]
         set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
 
@@ -223,8 +186,11 @@ def train_step(ts: TrainState, window, items, objective, device, amp_dtype, worl
     # global example count of the window: each rank's summed loss / n * world, averaged by DDP,
     # is the global mean whatever the split, as in a one-process run
     n_global = all_reduce(torch.tensor([float(sum(len(b) for b in window))]), world).item()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, hard, kd, tokens
-    has_kd = False
+    sums = torch.zeros(2 + len(PARTS), dtype=torch.float64)  # loss, tokens, parts
+    seen = set()
+    flags = dict(hidden_states=True) if getattr(objective, "hidden_states", False) else {}
+    if getattr(objective, "attentions", False):
+        flags["attentions"] = True
     for i, idx in enumerate(window):
         b = {k: v.to(device, non_blocking=True)
              for k, v in gdata.collate([items[j] for j in idx]).items()}
@@ -232,20 +198,25 @@ def train_step(ts: TrainState, window, items, objective, device, amp_dtype, worl
         sync = model.no_sync() if ddp and i < len(window) - 1 else contextlib.nullcontext()
         with sync:
             with autocast(device, amp_dtype):
-                logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-            loss, parts = objective(logits, b, idx)
+                out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], **flags)
+            loss, parts = objective(out, b, idx)
             ts.scaler.scale(loss / n_global * world).backward()
-        has_kd = "kd_loss" in parts
-        sums += torch.tensor([loss.item(), parts["hard_loss"].item(),
-                              parts["kd_loss"].item() if has_kd else 0.0,
-                              b["attention_mask"].sum().item()], dtype=torch.float64)
+        seen.update(parts)
+        sums += torch.tensor([loss.item(), b["attention_mask"].sum().item()] +
+                             [parts[k].item() if k in parts else 0.0 for k in PARTS],
+                             dtype=torch.float64)
     all_reduce(sums, world)
+    extra = [p for p in objective.parameters() if p.grad is not None]
+    if ddp:  # the objective's own parameters (a projection) are outside DDP: average them here
+        for p in extra:
+            all_reduce(p.grad, world).div_(world)
     loss_mean = sums[0].item() / n_global
     if not math.isfinite(loss_mean):
         return dict(type="diverged", step=ts.step, loss=loss_mean)
     use_scaler = ts.scaler.is_enabled()
     ts.scaler.unscale_(ts.opt)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
+    gnorm = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + extra,
+                                           clip or float("inf"))
     scale_before = ts.scaler.get_scale() if use_scaler else 1.0
     ts.scaler.step(ts.opt)
     ts.scaler.update()
@@ -257,12 +228,13 @@ def train_step(ts: TrainState, window, items, objective, device, amp_dtype, worl
     ts.opt.zero_grad(set_to_none=True)
     ts.step, ts.pos = ts.step + 1, ts.pos + len(window)
     dt = time.perf_counter() - t0
+    losses = {k: sums[2 + j].item() / n_global for j, k in enumerate(PARTS) if k in seen}
     return dict(type="step", step=ts.step, epoch=ts.epoch, loss=loss_mean,
-                hard_loss=sums[1].item() / n_global,
-                kd_loss=sums[2].item() / n_global if has_kd else None,
-                lr=lr, grad_norm=float(gnorm), tokens_per_s=sums[3].item() / dt,
+                hard_loss=losses["hard_loss"], kd_loss=losses.get("kd_loss"),
+                **{k: v for k, v in losses.items() if k not in ("hard_loss", "kd_loss")},
+                lr=lr, grad_norm=float(gnorm), tokens_per_s=sums[1].item() / dt,
                 examples_per_s=n_global / dt, skipped=bool(was_skipped),
-                skipped_steps=ts.skipped, tokens=sums[3].item())
+                skipped_steps=ts.skipped, tokens=sums[1].item())
 
 
 # ------------------------------------------------------------------------------- the run
@@ -341,8 +313,11 @@ def _train(args, tag, rank, world, device, out, rd):
     steps_per_epoch = math.ceil(len(batches_of(0)) / args.accum)
     total = args.max_steps or max(1, int(round(args.epochs * steps_per_epoch)))
     amp_dtype, use_scaler = precision_of(args, device)
-    ts = TrainState(model, *make_optimizer(model, args, device, total),
-                    torch.amp.GradScaler(device.type, enabled=use_scaler))
+    objective, layerwise = build_objective(args, cfg, teacher,
+                                          lambda: autocast(device, amp_dtype))
+    objective.to(device)
+    ts = TrainState(model, *make_optimizer(model, args, device, total, objective),
+                    torch.amp.GradScaler(device.type, enabled=use_scaler), objective=objective)
     if resume is not None:
         ts.load(resume, rank, world)
     log = rd.log(ts.step if resume is not None else None)
@@ -367,14 +342,9 @@ def _train(args, tag, rank, world, device, out, rd):
         log(type="eval", step=ts.step, epoch=ts.epoch, **m)
         return m
 
-    objective = HardLabel(cfg.regression)
-    if teacher is not None:
-        cache = None
-        if args.teacher_logits:
-            cache = all_teacher_logits(teacher, train_items, args.teacher_logits, device,
-                                       lambda: autocast(device, amp_dtype), write=main)
-        objective = Distiller(teacher, [LogitsKD(args.temperature, args.alpha, cfg.regression)],
-                              cache, lambda: autocast(device, amp_dtype))
+    if teacher is not None and args.teacher_logits and not layerwise:
+        objective.cache = all_teacher_logits(teacher, train_items, args.teacher_logits, device,
+                                             lambda: autocast(device, amp_dtype), write=main)
     prof = _profiler(args, out, rank, device)
     bar = None
     if main and not args.no_progress:

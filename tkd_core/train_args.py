@@ -55,6 +55,20 @@ def parse_args(argv=None):
     a("--clip", type=float, default=1.0, help="max gradient norm (0: off)")
     a("--alpha", type=float, default=0.5, help="KD weight of the soft loss")
     a("--temperature", type=float, default=1.0)
+    # layer-wise distillation and the transfer set (tkd_core/distill.py; distill mode)
+    a("--hidden-loss", default="none", choices=("none", "mse", "cosine"),
+      help="hidden-state loss between mapped student and teacher layers (embeddings included)")
+    a("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state loss")
+    a("--hidden-proj", action="store_true", help="a learned linear projection of the student's "
+      "hidden states to the teacher's width (needed when they differ)")
+    a("--attention-loss", action="store_true", help="KL between the teacher's and the student's "
+      "attention distributions of mapped layers (probabilities recomputed by a reference path)")
+    a("--attention-weight", type=float, default=1.0, help="weight of the attention loss")
+    a("--layer-map", default="uniform", help="student:teacher hidden-state pairs for the "
+      "layer-wise losses: uniform, last, or 's:t,s:t,...' (0 = the embeddings)")
+    a("--augment", type=int, default=0, metavar="N", help="a transfer set: N augmented copies "
+      "of every training example (mask p=0.1, same-task word replacement p=0.1, n-gram "
+      "sampling p=0.25), labelled by the teacher alone")
     a("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
       help="auto: fp16 autocast + GradScaler on CUDA, fp32 on CPU")
     a("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda")
@@ -102,6 +116,8 @@ _AT_LEAST = {
     "max_dev_examples": (0, True, ">= 0"), "eval_batch_size": (1, True, ">= 1"),
     "teacher_epochs": (0, False, "positive"), "student_epochs": (0, False, "positive"),
     "dist_timeout": (0, False, "positive seconds"),
+    "hidden_weight": (0, True, ">= 0"), "attention_weight": (0, True, ">= 0"),
+    "augment": (0, True, ">= 0"),
 }
 
 
@@ -132,6 +148,11 @@ def check_args(args) -> None:
     if not 0 <= args.alpha <= 1:
         raise ValueError(f"--alpha must be in [0, 1] (the soft loss' weight), got {args.alpha}")
     check_device(args.device)
+    distill_only = [f for f, on in (("--hidden-loss", args.hidden_loss != "none"),
+                                    ("--attention-loss", args.attention_loss),
+                                    ("--augment", args.augment > 0)) if on]
+    if distill_only and args.mode not in ("distill", "pipeline"):
+        raise ValueError(f"{', '.join(distill_only)} need a teacher: --mode distill")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the run in "
                          "--out, or replace it")
@@ -186,11 +207,13 @@ _FROM_DATA = {"num_labels": "the label count comes from the task (--task)",
 # Settings a resumed run must keep: they decide the model, the data and its order (the saved
 # data position and RNG states only make sense for the same ones).
 RESUME_FIXED = ("mode", "task", "batch_size", "accum", "max_len", "max_train_examples",
-                "group_by_length", "seed", "preset", "arch", "set", "vocab_size")
+                "group_by_length", "seed", "preset", "arch", "set", "vocab_size", "augment",
+                "hidden_loss", "hidden_proj", "attention_loss", "layer_map")
 # Restored from the optimizer's saved state, so a new value would be silently ignored.
 RESUME_IGNORED = ("lr", "weight_decay")
 # Read afresh from the command line on resume (the schedule's length, clipping, the KD mix...).
-RESUME_APPLIED = ("epochs", "max_steps", "warmup", "clip", "alpha", "temperature", "precision")
+RESUME_APPLIED = ("epochs", "max_steps", "warmup", "clip", "alpha", "temperature", "precision",
+                  "hidden_weight", "attention_weight")
 
 
 def recorded(args) -> dict:
