@@ -613,25 +613,33 @@ def _check_inputs(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale):
 
 
 def _attention_cpu(q, k, v, key_padding_mask, causal, dropout_p, scale):
-    """The CPU path: torch's fused SDPA for fp32 inputs without dropout where every query row
-    sees a key and the causal mask (if any) is square; the reference elsewhere (SDPA's
-    fully-masked rows are NaN, its causal mask is top-left aligned, half precision should match
-    the reference's fp32 softmax, and with dropout the reference keeps the random stream that
-    CPU training runs, and their recorded results, were made with). Same results to fp32
-    rounding; at batch 1 x 64 tokens it is several masked_fill and softmax calls fewer per
-    layer (a 2-layer student's batch-1 forward: 1.31 -> 0.97 ms)."""
+    """The CPU path: torch's fused SDPA for fp32 inputs without dropout, the reference elsewhere
+    (half precision should match the reference's fp32 softmax, and with dropout the reference
+    keeps the random stream that CPU training runs, and their recorded results, were made
+    with). SDPA's own causal mask is top-left aligned and its fully-masked rows are backend-
+    dependent (NaN in the math backend), so masks other than square causal go in as one
+    boolean mask in which a row that sees no key attends everywhere, and that row's output is
+    then zeroed (zero gradients too). Same results as the reference to fp32 rounding; at batch
+    1 x 64 tokens several masked_fill and softmax calls fewer per layer (a 2-layer student's
+    batch-1 forward: 1.31 -> 0.97 ms). No branch on tensor data but eager-only shortcuts, so
+    torch.compile(fullgraph=True) traces it."""
     S_q, S_k = q.shape[-2], k.shape[-2]
-    fast = q.dtype == torch.float32 and dropout_p == 0 and not (
-        causal and (key_padding_mask is not None or S_q != S_k))
-    mask = None  # all keys visible: no mask
-    if fast and key_padding_mask is not None and not bool(key_padding_mask.all()):
-        if bool(key_padding_mask.any(-1).all()):
-            mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, S_k): True = attend
-        else:
-            fast = False  # a sequence with no visible key: its rows must be zeros, not NaN
-    if not fast:
+    if q.dtype != torch.float32 or dropout_p > 0:
         return attention_ref(q, k, v, key_padding_mask, causal, dropout_p, scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    if key_padding_mask is None and not (causal and S_q != S_k):  # every row sees a key
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    if not causal and not torch.compiler.is_compiling():
+        # eager shortcuts (they read the mask, so not under torch.compile): no padding at all
+        # skips SDPA's mask handling, and no fully padded sequence needs no zeroing
+        if bool(key_padding_mask.all()):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if bool(key_padding_mask.any(-1).all()):
+            mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, S_k), True = attend
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    visible = _visible(q, k, key_padding_mask, causal)  # (B or 1, 1, S_q or 1, S_k)
+    alive = visible.any(-1, keepdim=True)  # rows that see a key
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~alive, scale=scale)
+    return torch.where(alive, o, 0.0)
 
 
 def attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, softmax_scale=None):
@@ -664,13 +672,7 @@ def attention_ref(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, s
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     ct = torch.promote_types(q.dtype, torch.float32)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, S_q, S_k)
-    S_q, S_k = q.shape[-2], k.shape[-2]
-    visible = torch.ones(S_q, S_k, dtype=torch.bool, device=q.device)
-    if causal:  # bottom-right aligned: query i sees keys j <= i + S_k - S_q
-        visible = visible.tril(S_k - S_q)
-    visible = visible.expand(q.shape[0], 1, S_q, S_k)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
+    visible = _visible(q, k, key_padding_mask, causal)
     # rows with no visible key: softmax over zeros, then zeroed (finite values and gradients)
     any_visible = visible.any(-1, keepdim=True)
     s = s.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
@@ -680,6 +682,18 @@ def attention_ref(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, s
             dropout_mask = torch.rand_like(p) >= dropout_p
         p = p * dropout_mask / (1 - dropout_p)
     return torch.matmul(p, v.to(ct)).to(q.dtype)
+
+
+def _visible(q, k, key_padding_mask, causal):
+    """(B or 1, 1, S_q or 1, S_k) bool, broadcastable to the scores: True where query i sees key
+    j (causal bottom-right aligned: j <= i + S_k - S_q; padding: key_padding_mask False)."""
+    S_q, S_k = q.shape[-2], k.shape[-2]
+    visible = torch.ones(1, 1, S_q if causal else 1, S_k, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = visible.tril(S_k - S_q)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    return visible
 
 
 # ------------------------------------------------------------------------------------------
