@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import SST2_DIR
-from tkd_core import checkpoint, data, distill, train
+from tkd_core import checkpoint, data, distill, train, warmstart
 from tkd_core.model import ModelConfig, build_model
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "glue")
@@ -282,7 +282,7 @@ def test_teacher_logits_file_is_shared_and_checked(tmp_path, vocab, reference_ba
     assert train.main(["--mode", "teacher", "--max-steps", "3", "--set", "initializer_range=0.5",
                        "--teacher-logits", str(cache)] + tiny_args(vocab, t)) == 0
     ck = torch.load(cache, weights_only=True)
-    teacher, _ = distill.load_teacher(str(t / "checkpoint.pt"), data.get_task("synthetic"),
+    teacher, _ = warmstart.load_teacher(str(t / "checkpoint.pt"), data.get_task("synthetic"),
                                     torch.device("cpu"))
     items = data.encode(data.load_tokenizer(vocab),
                         data.load_split("synthetic", "train")[:96], 32)

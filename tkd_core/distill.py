@@ -40,7 +40,7 @@ from torch import nn
 
 from . import data as gdata
 from . import ops
-from .checkpoint import load_model, save_checkpoint
+from .checkpoint import save_checkpoint
 
 Parts = Dict[str, torch.Tensor]
 IGNORE = -100  # the label of a transfer-set (augmented) classification example: no hard loss
@@ -262,17 +262,6 @@ def build_objective(args, cfg, teacher, autocast_fn):
             terms.append(AttentionKL(pairs, args.attention_weight))
     d = Distiller(teacher, terms, autocast=autocast_fn)
     return d, d.hidden_states or d.attentions
-
-
-def load_teacher(path: str, spec: gdata.TaskSpec, device) -> Tuple[nn.Module, dict]:
-    """(frozen teacher on `device`, its checkpoint) from a tkd checkpoint.pt; its label count must
-    be the task's."""
-    teacher, ck = load_model(path, device)
-    if teacher.config.num_labels != spec.num_labels:
-        raise ValueError(f"teacher {path!r} has {teacher.config.num_labels} label(s) but task "
-                         f"{spec.name} (the student) has {spec.num_labels}: teacher and student "
-                         "label counts must match")
-    return teacher, ck
 
 
 # ------------------------------------------------------------------ teacher logits, cached

@@ -42,9 +42,10 @@ from .augment import augment
 from .distributed import all_reduce, setup_distributed
 from .checkpoint import (CHECKPOINT, clean_state_dict, export_safetensors, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state, unwrap)
-from .distill import IGNORE, all_teacher_logits, build_objective, load_teacher
+from .distill import IGNORE, all_teacher_logits, build_objective
+from .warmstart import init_from_hf, load_teacher, same_vocabulary, student_from_teacher
 from .measure import cpu_threads, evaluate, format_table, param_count, size_bytes
-from .model import ModelConfig, build_model
+from .models import ModelConfig, build_model
 from .rundir import RunDir
 from .train_args import (DEFAULT_LR, DEFAULT_PRESET, check_resume, parse_args, parse_override,
                          recorded)
@@ -82,9 +83,13 @@ def load_data(args, tokenizer_json=None):
     return spec, tok, train_items, gdata.encode(tok, dev, args.max_len)
 
 
+def _overrides(args) -> dict:
+    return dict(parse_override(kv) for kv in args.set)
+
+
 def model_config(args, spec, tok) -> ModelConfig:
     """Preset + --set overrides; the task sets the labels, the tokenizer the vocabulary."""
-    over = dict(parse_override(kv) for kv in args.set)
+    over = _overrides(args)
     if args.arch is not None:  # an explicit --arch wins over the preset's
         over.setdefault("arch", args.arch)
     return ModelConfig.preset(args.preset or DEFAULT_PRESET[args.mode],
@@ -279,28 +284,41 @@ def _train(args, tag, rank, world, device, out, rd):
         for note in check_resume(args, resume.get("args", {})):
             if main:
                 print(note, file=sys.stderr)
+    spec = gdata.get_task(args.task)
     teacher, teacher_ck = None, None
-    if args.mode == "distill":
+    if args.mode == "distill" or args.student_init:  # (student mode: the teacher's layers only)
         if not args.teacher:
-            raise ValueError("--mode distill needs --teacher <checkpoint.pt>")
-        teacher, teacher_ck = load_teacher(args.teacher, gdata.get_task(args.task), device)
+            raise ValueError(f"--mode {args.mode}" + (" --student-init" if args.student_init
+                             else "") + " needs --teacher (checkpoint.pt, run dir or HF folder)")
+        teacher, teacher_ck = load_teacher(args.teacher, spec, device)
+    torch.manual_seed(args.seed)  # identical init on every rank (fresh heads included)
+    start = None  # the model the run starts from, when not a fresh preset
+    if args.init and not resume:
+        start, init_tok = init_from_hf(args.init, spec, _overrides(args), args.reinit_head)
+        if teacher_ck and not same_vocabulary(init_tok.to_str(), teacher_ck["tokenizer"]):
+            raise ValueError(f"--init {args.init} and --teacher {args.teacher} have different "
+                             "vocabularies: distillation feeds both the same token ids")
+        teacher_ck = dict(teacher_ck or {}, tokenizer=init_tok.to_str())
     spec, tok, train_items, dev_items = load_data(
         args, (resume or teacher_ck or {}).get("tokenizer"))
     train_lengths = [len(item[0]) for item in train_items]
-    if teacher is not None and teacher_ck["task"] != spec.name:
+    if teacher is not None and teacher_ck.get("task") not in (None, spec.name):
         print(f"note: teacher was trained on {teacher_ck['task']}, distilling on {spec.name}")
     if main:
         gdata.save_tokenizer(tok, out)
 
-    cfg = ModelConfig.from_dict(resume["config"]) if resume else model_config(args, spec, tok)
+    if resume:
+        cfg = ModelConfig.from_dict(resume["config"])
+    elif start is None and args.student_init:
+        start = student_from_teacher(teacher, args.student_init, _overrides(args))
+    cfg = cfg if resume else start.config if start is not None else model_config(args, spec, tok)
     if teacher is not None and teacher.config.num_labels != cfg.num_labels:
         raise ValueError(f"teacher has {teacher.config.num_labels} label(s), the student "
                          f"{cfg.num_labels}: teacher and student label counts must match")
-    if cfg.max_positions < args.max_len:
-        raise ValueError(f"--max-len {args.max_len} exceeds the model's max_positions "
-                         f"{cfg.max_positions}")
-    torch.manual_seed(args.seed)  # identical init on every rank
-    model = build_model(cfg).to(device)
+    if cfg.max_positions - cfg.position_offset < args.max_len:
+        raise ValueError(f"--max-len {args.max_len} exceeds the model's positions "
+                         f"({cfg.max_positions - cfg.position_offset})")
+    model = (start if start is not None else build_model(cfg)).to(device)
     torch.manual_seed(args.seed + rank)  # per-rank dropout streams
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -313,8 +331,8 @@ def _train(args, tag, rank, world, device, out, rd):
     steps_per_epoch = math.ceil(len(batches_of(0)) / args.accum)
     total = args.max_steps or max(1, int(round(args.epochs * steps_per_epoch)))
     amp_dtype, use_scaler = precision_of(args, device)
-    objective, layerwise = build_objective(args, cfg, teacher,
-                                          lambda: autocast(device, amp_dtype))
+    objective, layerwise = build_objective(args, cfg, teacher if args.mode == "distill" else None,
+                                           lambda: autocast(device, amp_dtype))
     objective.to(device)
     ts = TrainState(model, *make_optimizer(model, args, device, total, objective),
                     torch.amp.GradScaler(device.type, enabled=use_scaler), objective=objective)
@@ -406,6 +424,10 @@ def _train(args, tag, rank, world, device, out, rd):
                            lambda: autocast(device, amp_dtype))
     if main:
         export_safetensors(raw, os.path.join(out, "model.safetensors"))
+        if args.export_hf:
+            from .hf import save_pretrained
+            save_pretrained(raw, tok, args.export_hf)
+            print(f"[{name}] Hugging Face folder: {args.export_hf}")
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         if prof is not None:

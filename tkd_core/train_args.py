@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 
 from . import data as gdata
-from .model import ARCHS, PRESETS, ModelConfig
+from .models import ARCHS, PRESETS, ModelConfig
 
 MODES = ("pipeline", "teacher", "student", "distill")
 DEFAULT_PRESET = {"teacher": "cpu-teacher", "student": "cpu-student-2",
@@ -37,7 +37,18 @@ def parse_args(argv=None):
       f"{DEFAULT_PRESET})")
     a("--set", action="append", default=[], metavar="KEY=VALUE",
       help="override a ModelConfig field, e.g. --set pre_ln=true --set hidden_dropout=0")
-    a("--teacher", default=None, help="teacher checkpoint.pt (distill)")
+    a("--teacher", default=None, help="the teacher (distill; --student-init): a tkd "
+      "checkpoint.pt or run directory, or a Hugging Face folder with a fine-tuned head")
+    a("--init", default=None, metavar="HF_FOLDER", help="start the trained model from a Hugging "
+      "Face BERT / DistilBERT / RoBERTa folder: architecture, weights and tokenizer (--set may "
+      "still change dropout and other weightless settings)")
+    a("--reinit-head", action="store_true", help="with --init: a fresh classifier when the "
+      "folder's head has another label count")
+    a("--student-init", default=None, metavar="teacher[:i,j,...]", help="the student takes the "
+      "teacher's embeddings, the listed encoder layers (default: every other one) and its head; "
+      "its width, heads and FFN are the teacher's")
+    a("--export-hf", default=None, metavar="DIR", help="also write the final model as a Hugging "
+      "Face folder (transformers' AutoModelForSequenceClassification loads it)")
     a("--teacher-logits", default=None, metavar="FILE", help="the teacher's logits on every "
       "training example, computed once and shared by distillation runs: distill reads FILE "
       "(or computes and writes it when absent or made by another teacher/data); teacher writes "
@@ -153,6 +164,12 @@ def check_args(args) -> None:
                                     ("--augment", args.augment > 0)) if on]
     if distill_only and args.mode not in ("distill", "pipeline"):
         raise ValueError(f"{', '.join(distill_only)} need a teacher: --mode distill")
+    if args.init and args.student_init:
+        raise ValueError("--init and --student-init both say where the model starts: pick one")
+    if args.init and (args.preset or args.arch) and args.mode != "pipeline":
+        raise ValueError("--init takes the architecture from the folder: drop --preset / --arch")
+    if args.student_init and args.mode not in ("student", "distill", "pipeline"):
+        raise ValueError("--student-init makes a student: --mode student or distill")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the run in "
                          "--out, or replace it")
@@ -208,7 +225,8 @@ _FROM_DATA = {"num_labels": "the label count comes from the task (--task)",
 # data position and RNG states only make sense for the same ones).
 RESUME_FIXED = ("mode", "task", "batch_size", "accum", "max_len", "max_train_examples",
                 "group_by_length", "seed", "preset", "arch", "set", "vocab_size", "augment",
-                "hidden_loss", "hidden_proj", "attention_loss", "layer_map")
+                "hidden_loss", "hidden_proj", "attention_loss", "layer_map", "init",
+                "student_init")
 # Restored from the optimizer's saved state, so a new value would be silently ignored.
 RESUME_IGNORED = ("lr", "weight_decay")
 # Read afresh from the command line on resume (the schedule's length, clipping, the KD mix...).

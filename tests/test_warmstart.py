@@ -1,0 +1,99 @@
+"""Pretrained starts through the trainer (issue 10's flags): --init an HF folder, --teacher an HF
+folder, --student-init from a teacher's layers, --export-hf; end to end on a tiny random BERT."""
+import os
+
+import pytest
+import torch
+
+from test_train import read_log, tiny_args  # noqa: F401
+from tkd_core import data, train, warmstart
+from tkd_core.checkpoint import load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_bert(tmp_path_factory):
+    """A bare random BertModel (4 layers, hidden 32) with a WordPiece vocabulary of the built-in
+    task, saved as a HF folder."""
+    d = str(tmp_path_factory.mktemp("bert"))
+    tok = data.train_tokenizer(data.texts(data.load_split("synthetic", "train")[:2000]), 400)
+    data.save_tokenizer(tok, d)
+    os.remove(os.path.join(d, "tokenizer.json"))  # vocab.txt alone, as many BERT folders
+    cfg = transformers.BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32,
+                                  num_hidden_layers=4, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(d)
+    return d
+
+
+def _args(out):
+    # tiny_args without its --preset tiny and --vocab: --init brings both
+    a = tiny_args("unused", out)
+    for flag in ("--preset", "--vocab"):
+        i = a.index(flag)
+        del a[i:i + 2]
+    return a
+
+
+def test_init_student_init_export_end_to_end(tmp_path, hf_bert, reference_backend, capsys):
+    t, s = tmp_path / "teacher", tmp_path / "student"
+    assert train.main(["--mode", "teacher", "--init", hf_bert, "--max-steps", "3",
+                       "--export-hf", str(tmp_path / "teacher-hf")] + _args(t)) == 0
+    assert "newly initialised head" in capsys.readouterr().err  # a bare encoder: a fresh head
+    teacher, _ = load_model(str(t))
+    assert teacher.config.num_layers == 4 and teacher.config.hidden_size == 32
+    assert train.main(["--mode", "distill", "--teacher", str(tmp_path / "teacher-hf"),
+                       "--student-init", "teacher:1,3", "--max-steps", "3",
+                       "--hidden-loss", "mse", "--export-hf", str(tmp_path / "student-hf")]
+                      + _args(s)) == 0
+    student, ck = load_model(str(s))
+    assert student.config.num_layers == 2 and student.config.hidden_size == 32
+    assert ck["args"]["student_init"] == "teacher:1,3"
+    # the exported student loads in transformers with no custom code and gives our logits
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "student-hf")).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "student-hf"))
+    enc = hf_tok(["the movie was not good", "a film"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = hf(**enc).logits
+        got = student(enc["input_ids"], enc["attention_mask"].bool(),
+                      enc.get("token_type_ids", torch.zeros_like(enc["input_ids"])))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_student_init_takes_the_listed_layers(hf_bert):
+    from tkd_core.hf import load_pretrained
+    teacher, _ = load_pretrained(hf_bert, num_labels=2)
+    s = warmstart.student_from_teacher(teacher, "teacher:3,0", {"hidden_dropout": 0.0})
+    ts, ss = teacher.state_dict(), s.state_dict()
+    assert s.config.num_layers == 2 and s.config.hidden_dropout == 0.0
+    for k, v in ss.items():
+        src = k.replace("layers.0.", "layers.3.").replace("layers.1.", "layers.0.") \
+            if k.startswith("layers.") else k
+        assert torch.equal(v, ts[src]), k
+    assert warmstart.parse_student_init("teacher", 6) == [0, 2, 4]
+    for bad in ("teacher:6", "teacher:1,1", "teacher:x", "layers:1"):
+        with pytest.raises(ValueError, match="--student-init"):
+            warmstart.parse_student_init(bad, 6)
+    with pytest.raises(ValueError, match="changes the shape"):
+        warmstart.student_from_teacher(teacher, "teacher", {"hidden_size": 16,
+                                                            "num_heads": 2})
+
+
+def test_pretrained_start_errors(tmp_path, hf_bert, capsys):
+    def fails(argv, match):
+        assert train.main(argv) == 1
+        err = capsys.readouterr().err
+        assert match in err, err
+
+    fails(["--mode", "distill", "--teacher", hf_bert] + _args(tmp_path / "a"),
+          "has no classification head")
+    fails(["--mode", "teacher", "--init", hf_bert, "--preset", "tiny", "--out",
+           str(tmp_path / "b")], "drop --preset")
+    fails(["--mode", "teacher", "--init", str(tmp_path / "nope"), "--out", str(tmp_path / "c")],
+          "not a folder")
+    fails(["--mode", "student", "--student-init", "teacher", "--out", str(tmp_path / "d")],
+          "needs --teacher")
