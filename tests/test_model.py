@@ -90,9 +90,9 @@ def test_padding_mask_reaches_attention(pre_ln, pooling, positions):
     assert (model(ids2, None, types2) - ref).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("pre_ln", [False, True])
-def test_runs_on_our_ops(monkeypatch, pre_ln):
-    """Attention, add+LayerNorm (residual argument) go through tkd_core.ops."""
+def spy_ops(monkeypatch) -> dict:
+    """Count the calls of ops.attention (and those with a mask) and ops.layer_norm (and those
+    with a residual) from now on; returns the live counts."""
     calls = {"attention": 0, "layer_norm": 0, "layer_norm_residual": 0, "mask": 0}
     attn, ln = tkd_core.ops.attention, tkd_core.ops.layer_norm
 
@@ -107,6 +107,13 @@ def test_runs_on_our_ops(monkeypatch, pre_ln):
         return ln(x, w, b, eps, residual)
     monkeypatch.setattr(tkd_core.ops, "attention", attention)
     monkeypatch.setattr(tkd_core.ops, "layer_norm", layer_norm)
+    return calls
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_runs_on_our_ops(monkeypatch, pre_ln):
+    """Attention, add+LayerNorm (residual argument) go through tkd_core.ops."""
+    calls = spy_ops(monkeypatch)
     cfg = tiny(pre_ln=pre_ln, num_layers=3)
     ids, mask, types = batch()
     M.build_model(cfg)(ids, mask, types)
