@@ -4,7 +4,7 @@ import importlib
 import os
 import sys
 
-OPS = ["layer_norm", "kd_loss", "attention", "int8_gemm", "train"]
+OPS = ["layer_norm", "kd_loss", "attention", "int8_gemm", "train", "hf"]
 ALIASES = {"layernorm": "layer_norm"}  # the op's name before kernels/layer_norm.py
 
 
