@@ -97,3 +97,25 @@ def test_pretrained_start_errors(tmp_path, hf_bert, capsys):
           "not a folder")
     fails(["--mode", "student", "--student-init", "teacher", "--out", str(tmp_path / "d")],
           "needs --teacher")
+
+
+def test_pretrained_pipeline_one_command(tmp_path, hf_bert, reference_backend, capsys):
+    """`python -m tkd_core.train --init <HF folder>`: fine-tune, distill a 2-layer student from
+    two teacher layers with a transfer set, quantize, export both, print the table."""
+    out = tmp_path / "p"
+    assert train.main(["--init", hf_bert, "--teacher-epochs", "0.1", "--student-epochs", "0.1"]
+                      + _args(out)) == 0
+    text = capsys.readouterr().out
+    assert "student KD (2L, teacher:1,3)" in text and "student KD INT8" in text
+    assert os.path.isfile(out / "student-hf" / "model.safetensors")
+    q, ck = load_model(str(out / "student-int8"))
+    assert ck["int8"]["converted"] and type(q.layers[0].ffn.up).__name__ == "Int8Linear"
+    student, _ = load_model(str(out / "student"))
+    ids = torch.randint(5, 100, (2, 12))
+    with torch.no_grad():
+        d = (q(ids) - student(ids)).abs().max().item()
+    assert d < 0.1  # the INT8 checkpoint loads back as the quantized student, not random
+    rows = __import__("json").load(open(out / "summary.json"))["rows"]
+    assert [r["cpu_latency_b32_ms"] > 0 for r in rows] == [True] * 3
+    steps = [r for r in read_log(out / "student") if r["type"] == "step"]
+    assert steps and all(r["kd_loss"] is not None for r in steps)

@@ -52,10 +52,23 @@ def load_model(path: str, device=None):
         path = os.path.join(path, CHECKPOINT)
     ck = load_checkpoint(path)
     model = build_model(ModelConfig.from_dict(ck["config"]))
+    if ck.get("int8"):  # an INT8 model: the same layers quantized before its weights load
+        from . import quantize_model
+        converted = set(ck["int8"]["converted"])
+        quantize_model(model, skip=lambda name, m: name not in converted)
     model.load_state_dict(ck["model"])
     if device is not None:
         model.to(device)
     return model.eval().requires_grad_(False), ck
+
+
+def save_int8(path: str, model: nn.Module, report, task: str, tokenizer_json: str) -> None:
+    """An INT8 model (after `quantize_model`, whose report names the converted layers) as a tkd
+    checkpoint that `load_model` reads back."""
+    save_checkpoint(path, dict(model=clean_state_dict(model.state_dict()),
+                               config=model.config.to_dict(), step=0, task=task,
+                               tokenizer=tokenizer_json,
+                               int8=dict(converted=[n for n, _, _ in report.converted])))
 
 
 def rng_state() -> dict:

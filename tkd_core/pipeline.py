@@ -2,7 +2,7 @@
 
 The smallest experiment of the trainer's machinery: two `train()` stages with the CPU schedule
 below, `quantize_model` on the student, and one table of accuracy, parameters, size and CPU
-latency (`tkd_core.measure`: batch 1, 64 random tokens). Stage directories are
+latency (`tkd_core.measure`: batch 1 and 32, 64 random tokens). Stage directories are
 <out>/teacher and <out>/student; `--resume` continues each stage from its checkpoint.
 """
 import argparse
@@ -19,8 +19,10 @@ from .measure import evaluate, format_table, latency_ms, param_count, size_bytes
 # The default CPU run (teacher + distilled student + INT8 within a few minutes on 2 cores):
 # shorter schedules than the paper's 10 epochs; --teacher-epochs / --student-epochs / --lr win.
 SCHEDULE = {"teacher": dict(epochs=4, lr=2e-3), "student": dict(epochs=6, lr=2e-3)}
-TABLE_COLS = ["model", "metric", "score", "params", "size_mb", "cpu_latency_ms"]
-TABLE_FMT = {"score": "{:.4f}", "size_mb": "{:.3f}", "cpu_latency_ms": "{:.2f}"}
+TABLE_COLS = ["model", "metric", "score", "params", "size_mb", "cpu_latency_ms",
+              "cpu_latency_b32_ms"]
+TABLE_FMT = {"score": "{:.4f}", "size_mb": "{:.3f}", "cpu_latency_ms": "{:.2f}",
+             "cpu_latency_b32_ms": "{:.2f}"}
 
 
 def report_row(name, model, metrics, spec, params=None) -> dict:
@@ -29,31 +31,26 @@ def report_row(name, model, metrics, spec, params=None) -> dict:
     model = copy.deepcopy(model).cpu().eval()
     return dict(model=name, metric=spec.metrics[0], score=metrics[spec.metrics[0]],
                 params=params or param_count(model), size_mb=size_bytes(model) / 2**20,
-                cpu_latency_ms=latency_ms(model, batch=1))
+                cpu_latency_ms=latency_ms(model, batch=1),
+                cpu_latency_b32_ms=latency_ms(model, batch=32, reps=5))
 
 
 def pipeline(args) -> int:
+    """The default run, or with --init (or --teacher an HF folder) the pretrained one:
+    fine-tune the teacher (or take it), distill a 2-layer student from two of its layers with a
+    transfer set, quantize it, export it, and print the table."""
+    from .warmstart import is_hf_folder
+    if args.init or (args.teacher and is_hf_folder(args.teacher)):
+        return pretrained_pipeline(args)
     from . import quantize_model
     from .train import train
-    root = args.out or os.path.join("runs", f"pipeline-{args.task}")
-    if args.out is None and not os.path.exists("runs"):
-        os.makedirs("runs")
-        with open(os.path.join("runs", ".gitignore"), "w") as f:
-            f.write("*\n")  # run outputs never land in git
+    root = _root(args)
     t0 = time.perf_counter()
-
-    def stage(name, mode, preset, epochs, **extra):  # one stage's args: schedule + overrides
-        ck = os.path.join(root, name, CHECKPOINT)
-        resume = "auto" if args.resume and os.path.exists(ck) else None  # per-stage --resume
-        a = argparse.Namespace(**dict(vars(args), **SCHEDULE[name], mode=mode, preset=preset,
-                                      out=os.path.join(root, name), resume=resume, **extra))
-        a.epochs = epochs or a.epochs
-        a.lr = a.lr if args.lr is None else args.lr
-        return a
-
-    t = train(stage("teacher", "teacher", args.teacher_preset, args.teacher_epochs), tag="teacher")
-    s = train(stage("student", "distill", args.student_preset, args.student_epochs,
-                    teacher=t["checkpoint"]), tag="student-kd")
+    t = train(_stage(args, root, "teacher", "teacher", SCHEDULE["teacher"],
+                     preset=args.teacher_preset, epochs=args.teacher_epochs), tag="teacher")
+    s = train(_stage(args, root, "student", "distill", SCHEDULE["student"],
+                     preset=args.student_preset, epochs=args.student_epochs,
+                     teacher=t["checkpoint"]), tag="student-kd")
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     spec, items = s["spec"], s["dev_items"]
@@ -65,9 +62,89 @@ def pipeline(args) -> int:
     print(f"INT8 student: {str(report).splitlines()[0]}")
     m = evaluate(q, items, spec, torch.device("cpu"), args.eval_batch_size)
     rows.append(report_row("student KD INT8", q, m, spec, params=param_count(s["model"])))
+    _finish(root, spec, items, rows, t0)
+    return 0
+
+
+# --init: the recipe for a pretrained encoder (the pretrained SST-2 study's: teacher fine-tuned
+# one epoch at 1e-4, batch 32; a 2-layer student from the teacher's layers L/2 - 1 and L - 1,
+# logits KD with one transfer-set copy per example, one epoch at 1e-4)
+PRETRAINED = {"teacher": dict(epochs=1, lr=1e-4, batch_size=32, group_by_length=True),
+              "student": dict(epochs=1, lr=1e-4, batch_size=32, group_by_length=True, augment=1)}
+
+
+def pretrained_pipeline(args) -> int:
+    from . import quantize_model
+    from .checkpoint import save_int8
+    from .train import train
+    from .warmstart import load_teacher
+    root = _root(args)
+    t0 = time.perf_counter()
+    if args.init:
+        t = train(_stage(args, root, "teacher", "teacher", PRETRAINED["teacher"], preset=None,
+                         epochs=args.teacher_epochs, teacher=None, init=args.init),
+                  tag="teacher")
+        teacher_path, n_layers = t["checkpoint"], t["config"]["num_layers"]
+    else:  # --teacher: a fine-tuned HF folder, taken as it is
+        teacher_path, t = args.teacher, None
+        with open(os.path.join(args.teacher, "config.json")) as f:
+            hf = json.load(f)
+        n_layers = hf.get("num_hidden_layers", hf.get("n_layers"))  # BERT / DistilBERT
+    layers = f"teacher:{max(n_layers // 2 - 1, 0)},{n_layers - 1}"
+    s = train(_stage(args, root, "student", "distill", PRETRAINED["student"], preset=None,
+                     epochs=args.student_epochs, teacher=teacher_path, init=None,
+                     student_init=layers,
+                     export_hf=args.export_hf or os.path.join(root, "student-hf")),
+              tag="student-kd")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    spec, items = s["spec"], s["dev_items"]
+    if t is None:
+        teacher, _ = load_teacher(args.teacher, spec, torch.device("cpu"))
+        t = dict(model=teacher, config=teacher.config.to_dict(),
+                 metrics=evaluate(teacher, items, spec, "cpu", args.eval_batch_size))
+    q = copy.deepcopy(s["model"]).cpu()
+    report = quantize_model(q, skip=("pooler", "classifier"))
+    print(f"INT8 student: {str(report).splitlines()[0]}")
+    m = evaluate(q, items, spec, torch.device("cpu"), args.eval_batch_size)
+    ck = os.path.join(root, "student-int8", CHECKPOINT)
+    os.makedirs(os.path.dirname(ck), exist_ok=True)
+    from .checkpoint import load_checkpoint
+    save_int8(ck, q, report, spec.name, load_checkpoint(s["checkpoint"])["tokenizer"])
+    rows = [report_row(f"teacher ({t['config']['num_layers']}L)", t["model"], t["metrics"], spec),
+            report_row(f"student KD ({s['config']['num_layers']}L, {layers})", s["model"],
+                       s["metrics"], spec),
+            report_row("student KD INT8", q, m, spec, params=param_count(s["model"]))]
+    print(f"students: fp32 as a Hugging Face folder in "
+          f"{args.export_hf or os.path.join(root, 'student-hf')}, INT8 as {ck}")
+    _finish(root, spec, items, rows, t0)
+    return 0
+
+
+def _root(args) -> str:
+    root = args.out or os.path.join("runs", f"pipeline-{args.task}")
+    if args.out is None and not os.path.exists("runs"):
+        os.makedirs("runs")
+        with open(os.path.join("runs", ".gitignore"), "w") as f:
+            f.write("*\n")  # run outputs never land in git
+    return root
+
+
+def _stage(args, root, name, mode, schedule, epochs=None, **extra):
+    """One stage's arguments: the command line, the stage's schedule, then its overrides;
+    --lr / --*-epochs on the command line win over the schedule."""
+    ck = os.path.join(root, name, CHECKPOINT)
+    resume = "auto" if args.resume and os.path.exists(ck) else None  # per-stage --resume
+    a = argparse.Namespace(**dict(vars(args), **schedule, mode=mode,
+                                  out=os.path.join(root, name), resume=resume, **extra))
+    a.epochs = epochs or a.epochs
+    a.lr = a.lr if args.lr is None else args.lr
+    return a
+
+
+def _finish(root, spec, items, rows, t0) -> None:
     print(f"\npipeline on {spec.name} ({len(items)} dev examples), "
           f"{time.perf_counter() - t0:.0f} s:")
     print(format_table(rows, TABLE_COLS, TABLE_FMT))
     with open(os.path.join(root, "summary.json"), "w") as f:
         json.dump({"rows": rows, "seconds": time.perf_counter() - t0}, f, indent=1)
-    return 0

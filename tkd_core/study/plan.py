@@ -45,10 +45,13 @@ class Job:
     temperature: float = 1.0
     overrides: tuple = ()      # ("key=value", ...): the trainer's --set on top of the preset
     int8: bool = False         # also measure this run's INT8 form (the report's INT8 row)
+    extra: tuple = ()          # more trainer flags (--init, --student-init, --augment, ...)
+    study_vocab: bool = True   # the study's WordPiece (--vocab); False: the teacher's / folder's
+    logits: str = "train_logits.pt"  # the teacher-logits file under teacher/ ("" for none)
 
     @property
-    def needs_teacher(self) -> bool:
-        return self.mode == "distill"
+    def needs_teacher(self) -> bool:  # the teacher's checkpoint: as teacher, or as the init
+        return self.mode == "distill" or "--student-init" in self.extra
 
 
 GROUPS = {  # group -> (label in the report, what it is)
@@ -61,6 +64,19 @@ GROUPS = {  # group -> (label in the report, what it is)
     "cnn": ("CNN (Kim 2014)", "CNN, filter widths 3/4/5, hard labels"),
     "tfidf": ("TF-IDF + LR", "word 1-2-gram TF-IDF, logistic regression (scikit-learn)"),
     "int8": ("TKD-NLP INT8", "the T=1 seed-0 TKD-NLP student after quantize_model"),
+    # the pretrained study (--pretrained)
+    "tkd-small": ("TKD-NLP-small", "a narrow random-init Transformer, logits KD + transfer set"),
+    "tkd-noaug": ("TKD-NLP, no transfer set", "ablation: logits KD on the labelled set only"),
+    "tkd-hidden": ("TKD-NLP + hidden MSE", "ablation: + hidden-state MSE (uniform layer map)"),
+    "tkd-attn": ("TKD-NLP + hidden + attention", "ablation: + attention KL"),
+}
+
+PRETRAINED_GROUPS = {  # labels that differ in the pretrained study
+    "teacher": ("Teacher (MiniLM-L6, fine-tuned)", "the pretrained encoder fine-tuned (--init)"),
+    "tkd": ("TKD-NLP (2L)", "2 teacher layers, distilled: logits KD + transfer set"),
+    "tnlp": ("T-NLP (2L)", "the same 2 teacher layers, hard labels only"),
+    "kd-bilstm": ("KD-NLP (BiLSTM)", "BiLSTM distilled with the transfer set (Tang et al.)"),
+    "int8": ("TKD-NLP INT8", "the seed-0 TKD-NLP student after quantize_model"),
 }
 
 
@@ -70,6 +86,8 @@ def tkd_group(t: float) -> str:
 
 def make_plan(a) -> List[Job]:
     """The study's jobs in launch order (the teacher first: the distilled students wait on it)."""
+    if getattr(a, "pretrained", None):
+        return make_pretrained_plan(a)
     s, b = a.student_epochs, a.baseline_epochs
     jobs = [Job("teacher", "teacher", "teacher", preset=a.teacher_preset,
                 epochs=a.teacher_epochs, lr=a.teacher_lr, overrides=tuple(a.teacher_set))]
@@ -93,10 +111,56 @@ def make_plan(a) -> List[Job]:
     return jobs
 
 
+def make_pretrained_plan(a) -> List[Job]:
+    """--pretrained FOLDER: the teacher is the folder fine-tuned on the task (--init); the
+    2-layer students start from two of its layers (--student-layers); the narrow and BiLSTM
+    students and the transfer set (--augment) follow Tang et al. and TinyBERT. Students share
+    the teacher's tokenizer; RNN / LSTM / CNN and TF-IDF are the from-scratch baselines."""
+    s, b, seeds = a.student_epochs, a.baseline_epochs, a.seeds
+    init = ("--student-init", a.student_layers)
+    aug = ("--augment", str(a.augment)) if a.augment else ()
+    aug_logits = f"train_logits_aug{a.augment}.pt"
+    jobs = [Job("teacher", "teacher", "teacher", epochs=a.teacher_epochs, lr=a.teacher_lr,
+                extra=("--init", a.pretrained), study_vocab=False),
+            Job("tfidf", "tfidf", "tfidf")]
+    for seed in seeds:
+        jobs.append(Job(f"tnlp_s{seed}", "tnlp", "student", epochs=s, lr=a.student_lr,
+                        seed=seed, extra=init, study_vocab=False))
+    for arch in ("rnn", "lstm", "cnn"):
+        for seed in seeds[:a.baseline_seeds]:
+            jobs.append(Job(f"{arch}_s{seed}", arch, "student", arch=arch,
+                            preset=f"{a.baseline_prefix}-{arch}", epochs=b, seed=seed))
+    for seed in seeds:
+        jobs.append(Job(f"tkd_s{seed}", "tkd", "distill", epochs=s, lr=a.student_lr, seed=seed,
+                        extra=init + aug, study_vocab=False, logits=aug_logits,
+                        int8=seed == seeds[0]))
+    if a.ablation:  # one seed each: what the transfer set and the layer-wise terms add
+        seed = seeds[0]
+        layerwise = init + aug + ("--hidden-loss", "mse")
+        jobs += [Job(f"tkd_noaug_s{seed}", "tkd-noaug", "distill", epochs=s, lr=a.student_lr,
+                     seed=seed, extra=init, study_vocab=False),
+                 Job(f"tkd_hidden_s{seed}", "tkd-hidden", "distill", epochs=s, lr=a.student_lr,
+                     seed=seed, extra=layerwise, study_vocab=False, logits=""),
+                 Job(f"tkd_attn_s{seed}", "tkd-attn", "distill", epochs=s, lr=a.student_lr,
+                     seed=seed, extra=layerwise + ("--attention-loss",), study_vocab=False,
+                     logits="")]
+    for seed in seeds:
+        jobs.append(Job(f"tkd_small_s{seed}", "tkd-small", "distill", preset=a.small_preset,
+                        epochs=b, seed=seed, extra=aug, study_vocab=False, logits=aug_logits))
+        jobs.append(Job(f"kd_bilstm_s{seed}", "kd-bilstm", "distill", arch="bilstm",
+                        preset=f"{a.baseline_prefix}-bilstm", epochs=b, seed=seed, extra=aug,
+                        study_vocab=False, logits=aug_logits))
+    return jobs
+
+
 def train_argv(job: Job, a, tokenizer: str) -> List[str]:
     """The `python -m tkd_core.train` arguments of one job (resume flag excluded)."""
-    argv = ["--mode", job.mode, "--task", a.task, "--arch", job.arch, "--preset", job.preset,
-            "--vocab", tokenizer, "--max-len", str(a.max_len), "--epochs", f"{job.epochs:g}",
+    argv = ["--mode", job.mode, "--task", a.task]
+    if job.preset:  # (an --init or --student-init job takes its architecture from its source)
+        argv += ["--arch", job.arch, "--preset", job.preset]
+    if job.study_vocab:
+        argv += ["--vocab", tokenizer]
+    argv += ["--max-len", str(a.max_len), "--epochs", f"{job.epochs:g}",
             "--batch-size", str(a.batch_size), "--lr", f"{job.lr:g}", "--alpha", f"{a.alpha:g}",
             "--temperature", f"{job.temperature:g}", "--seed", str(job.seed),
             "--threads", str(a.threads), "--save-every", str(a.save_every),
@@ -107,8 +171,9 @@ def train_argv(job: Job, a, tokenizer: str) -> List[str]:
         argv += ["--set", kv]
     if job.needs_teacher:
         argv += ["--teacher", os.path.join(a.out, "teacher", "checkpoint.pt")]
-    if job.mode in ("teacher", "distill"):  # the teacher's train-set logits, computed once
-        argv += ["--teacher-logits", os.path.join(a.out, "teacher", "train_logits.pt")]
+    if job.mode in ("teacher", "distill") and job.logits:  # the teacher's logits, computed once
+        argv += ["--teacher-logits", os.path.join(a.out, "teacher", job.logits)]
+    argv += list(job.extra)
     if a.group_by_length:
         argv.append("--group-by-length")
     if a.max_train_examples:

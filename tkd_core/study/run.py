@@ -63,14 +63,27 @@ def parse_args(argv=None):
       help="ModelConfig overrides of the Transformer students")
     a("--baseline-prefix", default="cpu", help="presets <prefix>-{bilstm,rnn,lstm,cnn}")
     a("--teacher-epochs", type=float, default=1)
-    a("--student-epochs", type=float, default=3, help="TKD-NLP, T-NLP, KD-BiLSTM")
-    a("--baseline-epochs", type=float, default=3, help="RNN, LSTM, CNN")
-    a("--teacher-lr", type=float, default=5e-4)
+    a("--student-epochs", type=float, default=None, help="TKD-NLP, T-NLP, KD-BiLSTM (default: "
+      "3; --pretrained: 1, the 2-layer students)")
+    a("--baseline-epochs", type=float, default=3, help="RNN, LSTM, CNN (--pretrained: also "
+      "TKD-NLP-small and KD-NLP)")
+    a("--teacher-lr", type=float, default=None, help="default 5e-4; --pretrained: 1e-4")
+    # the pretrained study
+    a("--pretrained", default=None, metavar="HF_FOLDER", help="the pretrained study: the "
+      "teacher is this folder fine-tuned on the task; students start from its layers")
+    a("--student-layers", default="teacher:2,5", help="--pretrained: the 2-layer students' "
+      "--student-init (TinyBERT's uniform map of 2 onto 6 layers: the 3rd and 6th)")
+    a("--student-lr", type=float, default=1e-4, help="--pretrained: the teacher-initialised "
+      "students' learning rate")
+    a("--small-preset", default="cpu-student-4", help="--pretrained: TKD-NLP-small's preset")
+    a("--augment", type=int, default=1, help="--pretrained: transfer-set copies per example")
+    a("--ablation", action=argparse.BooleanOptionalAction, default=True, help="--pretrained: "
+      "one seed each without the transfer set, with hidden MSE, with hidden + attention")
     a("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a("--baseline-seeds", type=int, default=1, help="how many of --seeds the RNN/LSTM/CNN use")
     a("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     a("--alpha", type=float, default=0.5)
-    a("--batch-size", type=int, default=64)
+    a("--batch-size", type=int, default=None, help="default 64; --pretrained: 32")
     a("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
       help="length-grouped batches (SST-2: 1.05x padded/real tokens instead of 3.4x)")
     a("--max-len", type=int, default=64)
@@ -93,6 +106,7 @@ def parse_args(argv=None):
                          f"{spec.name} is not one")
     if args.jobs < 0:
         raise ValueError(f"--jobs must be >= 0, got {args.jobs}")
+    args.batch_size = args.batch_size or (32 if args.pretrained else 64)
     for name in ("threads", "latency_reps", "latency_rounds", "batch_size", "max_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -101,7 +115,17 @@ def parse_args(argv=None):
                          f"--seeds), got {args.baseline_seeds}")
     if 1.0 not in args.temperatures:
         raise ValueError("--temperatures must include 1 (the paper's recipe: the TKD-NLP row)")
-    args.out = args.out or os.path.join("runs", spec.name)
+    if args.pretrained:
+        from ..warmstart import is_hf_folder
+        if not is_hf_folder(args.pretrained):
+            raise ValueError(f"--pretrained {args.pretrained}: not a Hugging Face model folder "
+                             "(config.json and weights)")
+        if args.augment < 0:
+            raise ValueError(f"--augment must be >= 0, got {args.augment}")
+    pre = bool(args.pretrained)
+    args.student_epochs = args.student_epochs or (1 if pre else 3)
+    args.teacher_lr = args.teacher_lr or (1e-4 if pre else 5e-4)
+    args.out = args.out or os.path.join("runs", spec.name + ("-pretrained" if pre else ""))
     args.latency_threads = args.latency_threads or os.cpu_count() or 1
     return args
 
