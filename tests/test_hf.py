@@ -14,6 +14,7 @@ from hf_models import SENTENCES, padded_batch, tiny_hf, write_bert_vocab
 from tkd_core import hf
 from tkd_core.models import ModelConfig, build_model
 from tkd_core.models import hf as mhf
+from tkd_core.models.hf_tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("reference_backend", "one_thread")
@@ -87,6 +88,9 @@ def test_export_round_trip(tmp_path, model_type):
     src, dst = tmp_path / "src", tmp_path / "dst"
     tiny_hf(model_type, str(src), num_labels=2)
     model, tok = hf.load_pretrained(str(src))
+    src_tok = transformers.AutoTokenizer.from_pretrained(str(src))  # the folder's own tokenizer
+    for a, b in zip(SENTENCES, SENTENCES[::-1]):
+        assert src_tok(a, b)["input_ids"] == tok.encode(a, b).ids, (a, b)
     hf.save_pretrained(model, tok, str(dst))
     from safetensors.torch import load_file
     a, b = load_file(str(src / "model.safetensors")), load_file(str(dst / "model.safetensors"))
@@ -125,6 +129,19 @@ def test_tkd_student_exports(tmp_path):
         bad = build_model(ModelConfig(**{**cfg.to_dict(), field: value}))
         with pytest.raises(ValueError, match=field):
             hf.save_pretrained(bad, tok, str(tmp_path / field))
+
+
+def test_sharded_checkpoint(tmp_path):
+    """A checkpoint saved in shards (model-0000i-of-0000n.safetensors + index.json) loads the
+    same tensors as a single file."""
+    ref = tiny_hf("bert", str(tmp_path / "one"))
+    ref.save_pretrained(str(tmp_path / "sharded"), max_shard_size="20KB")
+    for f in ("vocab.txt", "tokenizer_config.json"):
+        (tmp_path / "sharded" / f).write_bytes((tmp_path / "one" / f).read_bytes())
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    one, _ = hf.load_pretrained(str(tmp_path / "one"))
+    sharded, _ = hf.load_pretrained(str(tmp_path / "sharded"))
+    assert all(torch.equal(v, sharded.state_dict()[k]) for k, v in one.state_dict().items())
 
 
 # ------------------------------------------------------------------------- heads and notices
@@ -261,7 +278,7 @@ def test_vocab_txt_tokenizer_matches_transformers(tmp_path, lower):
     """From vocab.txt alone, lower-casing (and accent stripping, which follows it) from
     tokenizer_config.json: the same ids and token types as AutoTokenizer, single and pairs."""
     write_bert_vocab(str(tmp_path), lower=lower)
-    tok = mhf.load_tokenizer(str(tmp_path))
+    tok = load_tokenizer(str(tmp_path))
     auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     for a, b in zip(SENTENCES, SENTENCES[1:] + SENTENCES[:1]):
         assert tok.encode(a).ids == auto(a)["input_ids"], a

@@ -175,11 +175,13 @@ def test_training_loop_on_a_patched_model(tmp_path):
     assert p[-5:].mean() < 0.7 * p[:5].mean()  # it learns (from scrambled weights: slowly)
 
 
-def test_torch_compile_fullgraph(tmp_path, interpreter_backend):
-    """A patched model traces whole under torch.compile(fullgraph=True): the ops are torch.library
-    custom ops (the interpreter / Triton path; the CPU reference path branches on the mask's
-    values). Forward equals eager; the compiled backward's gradients too."""
-    assert tkd_core.ops.backend(torch.zeros(1)) == "interpreter"
+@pytest.mark.parametrize("backend", ["reference_backend", "interpreter_backend"])
+def test_torch_compile_fullgraph(tmp_path, request, backend):
+    """A patched model traces whole under torch.compile(fullgraph=True), on both CPU paths (the
+    interpreter's ops are torch.library custom ops with fake implementations). Forward equals
+    eager; the compiled backward's gradients too."""
+    request.getfixturevalue(backend)
+    assert tkd_core.ops.backend(torch.zeros(1)) == backend.split("_")[0]
     model, ref = hf_pair(tmp_path, "bert")
     tkd_core.patch_hf(model)
     ids, mask = batch(model.config.vocab_size, 0)

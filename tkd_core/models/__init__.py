@@ -7,6 +7,7 @@
     transformer.py  TransformerClassifier (BERT-style, on tkd's fused ops) and its ModelOutput
     baselines.py    BiLSTM / RNN / LSTM / CNN students and baselines
     hf.py           Hugging Face BERT-family folders in and out (load_pretrained, save_pretrained)
+    hf_tokenizer.py their tokenizers (tokenizer.json / vocab.txt), with `tokenizers`
 
 Every model takes forward(input_ids, attention_mask=None, token_type_ids=None) -> logits
 (B, num_labels). The registry is written out here, once: model files never register themselves.
