@@ -513,7 +513,7 @@ def attention_dropout_mask(B, H, S_q, S_k, dropout_p, seed, device) -> torch.Ten
     """Testing only: the (B, H, S_q, S_k) bool keep-mask Z the kernels draw for `seed` (a tensor
     from `dropout_seed` or an int). Runs a Triton kernel (CUDA, or the interpreter)."""
     if not isinstance(seed, torch.Tensor):
-        seed = torch.tensor([int(seed)], dtype=torch.int64)
+        seed = torch.tensor([int(seed)], dtype=torch.int64, device=device)
     seed = seed.to(device=device, dtype=torch.int64).reshape(1)
     keep = utils.empty((B * H, S_q, S_k), dtype=torch.uint8, device=device)
     utils.ensure_launchable(_dropout_mask_kernel, utils.backend(keep))
@@ -612,17 +612,17 @@ def _check_inputs(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale):
         raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
 
 
-def _attention_cpu(q, k, v, key_padding_mask, causal, dropout_p, scale):
-    """The CPU path: torch's fused SDPA for fp32 inputs without dropout, the reference elsewhere
-    (half precision should match the reference's fp32 softmax, and with dropout the reference
-    keeps the random stream that CPU training runs, and their recorded results, were made
-    with). SDPA's own causal mask is top-left aligned and its fully-masked rows are backend-
-    dependent (NaN in the math backend), so masks other than square causal go in as one
-    boolean mask in which a row that sees no key attends everywhere, and that row's output is
-    then zeroed (zero gradients too). Same results as the reference to fp32 rounding; at batch
-    1 x 64 tokens several masked_fill and softmax calls fewer per layer (a 2-layer student's
-    batch-1 forward: 1.31 -> 0.97 ms). No branch on tensor data but eager-only shortcuts, so
-    torch.compile(fullgraph=True) traces it."""
+def _attention_torch(q, k, v, key_padding_mask, causal, dropout_p, scale):
+    """The reference path (CPU tensors; any tensor under TKD_OPS=reference): torch's fused SDPA
+    for fp32 inputs without dropout, `attention_ref` elsewhere (half precision should match the
+    reference's fp32 softmax, and with dropout the reference keeps the random stream that CPU
+    training runs, and their recorded results, were made with). SDPA's own causal mask is
+    top-left aligned and its fully-masked rows are backend-dependent (NaN in the math backend),
+    so masks other than square causal go in as one boolean mask in which a row that sees no key
+    attends everywhere, and that row's output is then zeroed (zero gradients too). Same results
+    as the reference to fp32 rounding; at batch 1 x 64 tokens several masked_fill and softmax
+    calls fewer per layer (a 2-layer student's batch-1 forward: 1.31 -> 0.97 ms). No branch on
+    tensor data but eager-only shortcuts, so torch.compile(fullgraph=True) traces it."""
     S_q, S_k = q.shape[-2], k.shape[-2]
     if q.dtype != torch.float32 or dropout_p > 0:
         return attention_ref(q, k, v, key_padding_mask, causal, dropout_p, scale)
@@ -655,7 +655,7 @@ def attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, softm
     _check_inputs(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if utils.backend(q) == "reference":
-        return _attention_cpu(q, k, v, key_padding_mask, causal, dropout_p, scale)
+        return _attention_torch(q, k, v, key_padding_mask, causal, dropout_p, scale)
     seed = dropout_seed(q.device) if dropout_p > 0 else None
     o, _ = _attention_fwd_op(q, k, v, key_padding_mask, seed, causal, float(dropout_p), scale)
     return o

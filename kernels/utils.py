@@ -24,8 +24,14 @@ def backend(t: torch.Tensor) -> str:
 
     CUDA tensors -> "triton" (compiled kernels). CPU tensors -> "reference" (the op's torch
     reference, the fast CPU path), or "interpreter" (the Triton kernels in Triton's interpreter)
-    when TRITON_INTERPRET=1 is set.
+    when TRITON_INTERPRET=1 is set. TKD_OPS=reference sends every tensor, CUDA ones included, to
+    the torch references (to compare a run against the same run without our kernels).
     """
+    ops = os.environ.get("TKD_OPS", "auto")
+    if ops not in ("auto", "reference"):
+        raise ValueError(f"TKD_OPS must be 'auto' or 'reference', got {ops!r}")
+    if ops == "reference":
+        return "reference"
     if t.is_cuda:
         return "triton"
     if interpreter_requested():

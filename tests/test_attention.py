@@ -1,6 +1,7 @@
-"""Fused attention (kernels/attention.py): the Triton kernels in the interpreter against a float64
-reference, for the output and dq, dk, dv; dropout determinism and its mask; bad input;
-torch.compile; the reference CPU path; MultiHeadAttention against torch's SDPA.
+"""Fused attention (kernels/attention.py): the Triton kernels in the interpreter (compiled with
+--device cuda) against a float64 reference, for the output and dq, dk, dv; dropout determinism
+and its mask; bad input; torch.compile; the reference CPU path (MultiHeadAttention against
+torch's SDPA: tests/test_nn.py).
 
 The interpreter is slow, so the sweep covers every listed value (S in {1, 17, 97, 200}, D in
 {16, 64, 128, 40}, each dtype, causal on/off, S_q != S_k, padding incl. a fully padded sequence)
@@ -21,14 +22,21 @@ from tkd_core.kernels import attention as A
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def _inputs(B, H, S_q, S_k, D, dtype, padded=True):
-    q, k, v = (torch.randn(B, H, s, D, dtype=dtype).requires_grad_() for s in (S_q, S_k, S_k))
+def _inputs(B, H, S_q, S_k, D, dtype, padded=True, device="cpu"):
+    q, k, v = (torch.randn(B, H, s, D, dtype=dtype, device=device).requires_grad_()
+               for s in (S_q, S_k, S_k))
     mask = None
     if padded:  # random per-batch lengths; the last sequence is fully padded
-        lengths = torch.randint(1, S_k + 1, (B,))
+        lengths = torch.randint(1, S_k + 1, (B,), device=device)
         lengths[-1] = 0
-        mask = torch.arange(S_k)[None, :] < lengths[:, None]  # (B, S_k) True = attend
+        # (B, S_k), True = attend
+        mask = torch.arange(S_k, device=device)[None, :] < lengths[:, None]
     return q, k, v, mask
+
+
+def _rng_state(device):
+    """The state of the generator the op draws its dropout seed from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
 def _ref64(q, k, v, mask, causal, dropout_p=0.0, dropout_mask=None, scale=None):
@@ -37,9 +45,9 @@ def _ref64(q, k, v, mask, causal, dropout_p=0.0, dropout_mask=None, scale=None):
     return out, (q64, k64, v64)
 
 
-def _visible_rows(B, S_q, S_k, mask, causal):
+def _visible_rows(B, S_q, S_k, mask, causal, device):
     """(B, S_q) True where a query row sees at least one key."""
-    vis = torch.ones(S_q, S_k, dtype=torch.bool)
+    vis = torch.ones(S_q, S_k, dtype=torch.bool, device=device)
     if causal:
         vis = vis.tril(S_k - S_q)
     vis = vis.expand(B, S_q, S_k)
@@ -64,8 +72,8 @@ CASES = [
 @pytest.mark.parametrize("dtype,B,H,S_q,S_k,D,causal,padded", CASES,
                          ids=[f"{str(c[0])[6:]}-Sq{c[3]}-Sk{c[4]}-D{c[5]}-causal{int(c[6])}-"
                               f"pad{int(c[7])}" for c in CASES])
-def test_forward_backward_against_float64(dtype, B, H, S_q, S_k, D, causal, padded):
-    q, k, v, mask = _inputs(B, H, S_q, S_k, D, dtype, padded)
+def test_forward_backward_against_float64(dtype, B, H, S_q, S_k, D, causal, padded, device):
+    q, k, v, mask = _inputs(B, H, S_q, S_k, D, dtype, padded, device)
     out = tkd_core.ops.attention(q, k, v, key_padding_mask=mask, causal=causal)
     do = torch.randn_like(out)  # grad_output other than ones
     out.backward(do)
@@ -78,7 +86,7 @@ def test_forward_backward_against_float64(dtype, B, H, S_q, S_k, D, causal, padd
     assert_close(k.grad, k64.grad, tol, "dk")
     assert_close(v.grad, v64.grad, tol, "dv")
     # rows that see no key (fully padded sequence, causal with S_q > S_k): exact zeros
-    dead = ~_visible_rows(B, S_q, S_k, mask, causal)  # (B, S_q)
+    dead = ~_visible_rows(B, S_q, S_k, mask, causal, device)  # (B, S_q)
     if dead.any():
         dead = dead[:, None, :].expand(B, H, S_q)
         assert (out.detach()[dead] == 0).all() and (q.grad[dead] == 0).all()
@@ -87,13 +95,14 @@ def test_forward_backward_against_float64(dtype, B, H, S_q, S_k, D, causal, padd
             assert (g.transpose(1, 2)[~mask] == 0).all()
 
 
-def test_logsumexp_and_empty_row_sentinel():
+def test_logsumexp_and_empty_row_sentinel(device):
     B, H, S_q, S_k, D = 2, 2, 40, 23, 32
-    q, k, v, mask = _inputs(B, H, S_q, S_k, D, torch.float32)
+    q, k, v, mask = _inputs(B, H, S_q, S_k, D, torch.float32, device=device)
     scale = 0.3
     o, lse = A.attention_fwd(q.detach(), k.detach(), v.detach(), mask, None, True, 0.0, scale)
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
-    vis = torch.ones(S_q, S_k, dtype=torch.bool).tril(S_k - S_q) & mask[:, None, None, :]
+    vis = (torch.ones(S_q, S_k, dtype=torch.bool, device=device).tril(S_k - S_q)
+           & mask[:, None, None, :])
     ref = s.masked_fill(~vis, float("-inf")).logsumexp(-1)  # -inf on rows with no key
     live = torch.isfinite(ref)
     assert (~live).any() and live.any()
@@ -102,10 +111,10 @@ def test_logsumexp_and_empty_row_sentinel():
     assert torch.isfinite(o).all()
 
 
-def test_non_contiguous_inputs_and_custom_scale():
+def test_non_contiguous_inputs_and_custom_scale(device):
     # q/k/v as MultiHeadAttention makes them: strided views of one fused (B, S, 3, H, D) tensor
     B, S, H, D = 2, 33, 2, 32
-    qkv = torch.randn(B, S, 3, H, D, dtype=torch.float16)
+    qkv = torch.randn(B, S, 3, H, D, dtype=torch.float16, device=device)
     q, k, v = (t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     assert not q.is_contiguous()
@@ -119,10 +128,10 @@ def test_non_contiguous_inputs_and_custom_scale():
         assert_close(a, b, TOL[torch.float16], what)
 
 
-def test_backward_saves_nothing_of_size_s_squared():
+def test_backward_saves_nothing_of_size_s_squared(device):
     # what autograd keeps for the backward: q, k, v, O, L (B, H, S_q), the seed; no S x S mask
     B, H, S_q, S_k, D = 1, 2, 64, 80, 16  # S_q * S_k = 5120 > S * D = 1280
-    q, k, v, mask = _inputs(B, H, S_q, S_k, D, torch.float16)
+    q, k, v, mask = _inputs(B, H, S_q, S_k, D, torch.float16, device=device)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = tkd_core.ops.attention(q, k, v, mask, causal=True, dropout_p=0.2)
@@ -136,11 +145,11 @@ def test_backward_saves_nothing_of_size_s_squared():
 
 # -- dropout -------------------------------------------------------------------------------------
 
-def test_dropout_zero_is_exact_and_draws_no_seed():
-    q, k, v, mask = _inputs(2, 1, 17, 33, 16, torch.float16)
-    state = torch.get_rng_state()
+def test_dropout_zero_is_exact_and_draws_no_seed(device):
+    q, k, v, mask = _inputs(2, 1, 17, 33, 16, torch.float16, device=device)
+    state = _rng_state(device)
     out = tkd_core.ops.attention(q, k, v, mask, dropout_p=0.0)
-    assert torch.equal(state, torch.get_rng_state()), "dropout_p=0 must not draw a seed"
+    assert torch.equal(state, _rng_state(device)), "dropout_p=0 must not draw a seed"
     assert torch.equal(out, tkd_core.ops.attention(q, k, v, mask))
     ref, _ = _ref64(q, k, v, mask, False)
     assert_close(out, ref, TOL[torch.float16], "out")
@@ -150,12 +159,12 @@ def _run(q, k, v, mask, causal, p, seed):
     torch.manual_seed(seed)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = tkd_core.ops.attention(q, k, v, mask, causal=causal, dropout_p=p)
-    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype))
+    out.backward(torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out).to(out.dtype))
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def test_dropout_same_seed_is_bit_identical():
-    q, k, v, mask = _inputs(2, 2, 17, 40, 16, torch.bfloat16)
+def test_dropout_same_seed_is_bit_identical(device):
+    q, k, v, mask = _inputs(2, 2, 17, 40, 16, torch.bfloat16, device=device)
     a = _run(q, k, v, mask, True, 0.3, seed=11)
     b = _run(q, k, v, mask, True, 0.3, seed=11)
     c = _run(q, k, v, mask, True, 0.3, seed=12)
@@ -164,9 +173,9 @@ def test_dropout_same_seed_is_bit_identical():
     assert not torch.equal(a[0], c[0]), "a different seed must give a different dropout mask"
 
 
-def test_dropout_kept_fraction_and_independence():
+def test_dropout_kept_fraction_and_independence(device):
     B, H, S_q, S_k, p = 2, 2, 64, 200, 0.3
-    keep = A.attention_dropout_mask(B, H, S_q, S_k, p, A.dropout_seed("cpu"), "cpu")
+    keep = A.attention_dropout_mask(B, H, S_q, S_k, p, A.dropout_seed(device), device)
     assert keep.shape == (B, H, S_q, S_k) and keep.dtype == torch.bool
     n = keep.numel()
     frac = keep.double().mean().item()
@@ -176,22 +185,22 @@ def test_dropout_kept_fraction_and_independence():
     # every (b, h) gets its own stream: masks of different heads / batches / rows differ
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
-    assert not torch.equal(keep, A.attention_dropout_mask(B, H, S_q, S_k, p, 12345, "cpu"))
+    assert not torch.equal(keep, A.attention_dropout_mask(B, H, S_q, S_k, p, 12345, device))
 
 
 @pytest.mark.parametrize("dtype,S_q,S_k,D,causal", [
     (torch.float16, 97, 40, 64, True),
     (torch.float32, 17, 97, 40, False),
 ])
-def test_dropout_matches_reference_with_identical_mask(dtype, S_q, S_k, D, causal):
+def test_dropout_matches_reference_with_identical_mask(dtype, S_q, S_k, D, causal, device):
     B, H, p, seed = 2, 2, 0.25, 1234
-    q, k, v, mask = _inputs(B, H, S_q, S_k, D, dtype)
+    q, k, v, mask = _inputs(B, H, S_q, S_k, D, dtype, device=device)
     out, dq, dk, dv = _run(q, k, v, mask, causal, p, seed)
     torch.manual_seed(seed)  # the op's first draw is its dropout seed
-    keep = A.attention_dropout_mask(B, H, S_q, S_k, p, A.dropout_seed("cpu"), "cpu")
+    keep = A.attention_dropout_mask(B, H, S_q, S_k, p, A.dropout_seed(device), device)
     ref, (q64, k64, v64) = _ref64(q, k, v, mask, causal, p, keep)
-    ref.backward(torch.linspace(-1, 1, ref.numel(), dtype=torch.float64).view_as(ref)
-                 .to(dtype).double())
+    ref.backward(torch.linspace(-1, 1, ref.numel(), dtype=torch.float64, device=device)
+                 .view_as(ref).to(dtype).double())
     tol = TOL[dtype]
     assert_close(out, ref, tol, "out")
     assert_close(dq, q64.grad, tol, "dq")
@@ -243,8 +252,8 @@ def test_mixed_devices_raise_clearly():
 
 # -- torch.compile, reference path, module ---------------------------------------------------------
 
-def test_torch_compile_fullgraph_traces_the_custom_op():
-    q, k, v, mask = _inputs(2, 2, 17, 17, 16, torch.float32)
+def test_torch_compile_fullgraph_traces_the_custom_op(device):
+    q, k, v, mask = _inputs(2, 2, 17, 17, 16, torch.float32, device=device)
     mask[-1, 0] = True  # keep every sequence non-empty so eager and compiled match everywhere
 
     def f(q, k, v, mask, p):
@@ -331,13 +340,10 @@ def test_cpu_path_sdpa_or_reference(reference_backend, monkeypatch, case):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["", "causal"])
-@pytest.mark.parametrize("path", ["interpreter", "reference"])
-def test_compile_fullgraph_with_padding_mask(path, causal, monkeypatch):
+def test_compile_fullgraph_with_padding_mask(path, device, causal):
     """torch.compile(fullgraph=True) with a padding mask that leaves a sequence fully padded: no
     data-dependent branch on either path (the CPU path used to guard on key_padding_mask.all())."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "interpreter" else "0")
-    assert tkd_core.ops.backend(torch.zeros(1)) == path
-    q, k, v, mask = _inputs(3, 2, 9, 13, 16, torch.float32)  # last sequence fully padded
+    q, k, v, mask = _inputs(3, 2, 9, 13, 16, torch.float32, device=device)  # last: fully padded
 
     def f(q, k, v, mask):
         return tkd_core.ops.attention(q, k, v, key_padding_mask=mask, causal=causal)

@@ -20,6 +20,18 @@ def test_backend_rule_cpu(monkeypatch):
     assert tkd_core.ops.backend(x) == "reference"
 
 
+def test_tkd_ops_reference_forces_the_torch_references(monkeypatch):
+    class FakeCuda:
+        is_cuda = True
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TKD_OPS", "reference")
+    assert tkd_core.ops.backend(torch.zeros(3)) == "reference"
+    assert tkd_core.ops.backend(FakeCuda()) == "reference"
+    monkeypatch.setenv("TKD_OPS", "triton")
+    with pytest.raises(ValueError, match="TKD_OPS must be 'auto' or 'reference', got 'triton'"):
+        tkd_core.ops.backend(torch.zeros(3))
+
+
 def test_backend_rule_cuda_tensor_is_triton():
     class FakeCuda:  # no GPU here: only the device test of the rule is exercised
         is_cuda = True

@@ -25,8 +25,8 @@ CUDA_SRC = os.path.join(ROOT, "csrc", "int8_gemm_cuda.cu")
 ARCHS = ("80", "86", "89", "90a")
 
 
-def rand_i8(*shape, lo=-127, hi=127):
-    return torch.randint(lo, hi + 1, shape, dtype=torch.int8)
+def rand_i8(*shape, lo=-127, hi=127, device="cpu"):
+    return torch.randint(lo, hi + 1, shape, dtype=torch.int8, device=device)
 
 
 def exact(a, b):
@@ -64,33 +64,36 @@ def test_float64_reference_is_int64():
 
 @pytest.mark.parametrize("M", [1, 2, 17, 64, 257])
 @pytest.mark.parametrize("K", [1, 3, 16, 31, 768, 3072, 4099])
-def test_exact_random(M, K):
-    a = rand_i8(M, K)
+def test_exact_random(M, K, device):
+    a = rand_i8(M, K, device=device)
     for N in (1, 5, 8, 768, 3072):
-        b = rand_i8(N, K)
+        b = rand_i8(N, K, device=device)
         out = tkd_core.ops.int8_gemm(a, b)
         assert out.dtype == torch.int32 and out.shape == (M, N)
         assert torch.equal(out.long(), exact(a, b)), f"M={M} K={K} N={N}"
 
 
 @pytest.mark.parametrize("M,K,N", [(257, 4099, 768), (17, 3072, 5), (64, 31, 3072), (1, 4099, 8)])
-def test_exact_extremes(M, K, N):
+def test_exact_extremes(M, K, N, device):
     """All-±127 operands: every vpmaddubsw pair of fbgemm's u8 x s8 route could saturate here."""
+    def filled(rows, v):
+        return torch.full((rows, K), v, dtype=torch.int8, device=device)
+
     for a, b in [
-        (torch.full((M, K), 127, dtype=torch.int8), torch.full((N, K), 127, dtype=torch.int8)),
-        (torch.full((M, K), -127, dtype=torch.int8), torch.full((N, K), 127, dtype=torch.int8)),
-        (torch.full((M, K), -127, dtype=torch.int8), torch.full((N, K), -127, dtype=torch.int8)),
-        (rand_i8(M, K, lo=0, hi=1) * 254 - 127, rand_i8(N, K, lo=0, hi=1) * 254 - 127),
+        (filled(M, 127), filled(N, 127)),
+        (filled(M, -127), filled(N, 127)),
+        (filled(M, -127), filled(N, -127)),
+        (rand_i8(M, K, lo=0, hi=1, device=device) * 254 - 127,
+         rand_i8(N, K, lo=0, hi=1, device=device) * 254 - 127),
     ]:
         a, b = a.to(torch.int8), b.to(torch.int8)
         assert torch.equal(tkd_core.ops.int8_gemm(a, b).long(), exact(a, b))
-    full = tkd_core.ops.int8_gemm(torch.full((M, K), 127, dtype=torch.int8),
-                                  torch.full((N, K), 127, dtype=torch.int8))
+    full = tkd_core.ops.int8_gemm(filled(M, 127), filled(N, 127))
     assert (full == 127 * 127 * K).all()
 
 
-def test_exact_with_minus_128():
-    a, b = rand_i8(19, 1001, lo=-128), rand_i8(37, 1001, lo=-128)
+def test_exact_with_minus_128(device):
+    a, b = rand_i8(19, 1001, lo=-128, device=device), rand_i8(37, 1001, lo=-128, device=device)
     a[0], b[0] = -128, -128
     assert torch.equal(tkd_core.ops.int8_gemm(a, b).long(), exact(a, b))
 
@@ -114,15 +117,17 @@ def test_exact_scalar_fallback(scalar_isa, M, K, N):
 # fused epilogue
 
 @pytest.mark.parametrize("M,K,N", [(1, 768, 768), (17, 31, 5), (257, 3072, 8), (64, 4099, 771)])
-def test_epilogue_against_float64(M, K, N):
-    a, b = rand_i8(M, K), rand_i8(N, K)
+def test_epilogue_against_float64(M, K, N, device):
+    a, b = rand_i8(M, K, device=device), rand_i8(N, K, device=device)
     acc = exact(a, b).double()
-    sa, sb, bias = torch.rand(M) * 0.1 + 1e-3, torch.rand(N) * 0.1 + 1e-3, torch.randn(N) * 50
+    sa, sb = torch.rand(M, device=device) * 0.1 + 1e-3, torch.rand(N, device=device) * 0.1 + 1e-3
+    bias = torch.randn(N, device=device) * 50
     cases = [
         ((sa, sb, bias), acc * sa.double()[:, None] * sb.double()[None, :] + bias.double()),
         ((sa, sb, None), acc * sa.double()[:, None] * sb.double()[None, :]),
-        ((0.02, torch.tensor(0.5), None), acc * 0.02 * 0.5),
-        ((torch.tensor([0.3]), sb, bias), acc * 0.3 * sb.double()[None, :] + bias.double()),
+        ((0.02, torch.tensor(0.5, device=device), None), acc * 0.02 * 0.5),
+        ((torch.tensor([0.3], device=device), sb, bias),
+         acc * 0.3 * sb.double()[None, :] + bias.double()),
         ((None, None, bias), acc + bias.double()),
     ]
     for (a_s, b_s, bi), ref in cases:
@@ -133,12 +138,19 @@ def test_epilogue_against_float64(M, K, N):
         assert_close(ref_t, ref, 1e-7, "int8_gemm_ref")
 
 
-def test_out_dtype():
-    a, b = rand_i8(5, 64), rand_i8(7, 64)
+def test_out_dtype(device):
+    a, b = rand_i8(5, 64, device=device), rand_i8(7, 64, device=device)
     assert tkd_core.ops.int8_gemm(a, b, out_dtype=torch.int32).dtype == torch.int32
     assert tkd_core.ops.int8_gemm(a, b, 1.0, 1.0, out_dtype=torch.float32).dtype == torch.float32
-    with pytest.raises(ValueError, match="out_dtype"):
-        tkd_core.ops.int8_gemm(a, b, 1.0, 1.0, out_dtype=torch.float16)  # CUDA only
+    if device.type == "cuda":  # half outputs from the fused epilogue: CUDA only
+        ref = exact(a, b).double() * 0.5
+        for dt in (torch.float16, torch.bfloat16):
+            y = tkd_core.ops.int8_gemm(a, b, 0.5, 1.0, out_dtype=dt)
+            assert y.dtype == dt
+            assert_close(y, ref, {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dt], str(dt))
+    else:
+        with pytest.raises(ValueError, match="out_dtype"):
+            tkd_core.ops.int8_gemm(a, b, 1.0, 1.0, out_dtype=torch.float16)  # CUDA only
     with pytest.raises(ValueError, match="out_dtype"):
         tkd_core.ops.int8_gemm(a, b, out_dtype=torch.int8)
 
@@ -148,8 +160,9 @@ def test_out_dtype():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (3, 5, 257), (64, 4099)])
-def test_quantize_per_token(dtype, shape):
-    x = (torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 10).to(dtype)
+def test_quantize_per_token(dtype, shape, device):
+    x = (torch.randn(shape, device=device) * torch.rand(shape[:-1] + (1,), device=device)
+         * 10).to(dtype)
     x.view(-1, shape[-1])[0, 0] = -x.view(-1, shape[-1])[0].abs().max() - 1  # hits -absmax
     q, s = tkd_core.ops.quantize_per_token(x)
     qr, sr = G.quantize_per_token_ref(x)
@@ -162,12 +175,12 @@ def test_quantize_per_token(dtype, shape):
     assert (err <= s.double()[..., None] / 2 * (1 + 1e-5)).all()  # round to nearest
 
 
-def test_quantize_zero_row_and_noncontiguous():
-    x = torch.randn(6, 40)
+def test_quantize_zero_row_and_noncontiguous(device):
+    x = torch.randn(6, 40, device=device)
     x[2] = 0
     q, s = tkd_core.ops.quantize_per_token(x)
     assert torch.isfinite(s).all() and s[2] > 0 and (q[2] == 0).all()
-    xt = torch.randn(40, 6).T  # (6, 40) with a non-unit last stride
+    xt = torch.randn(40, 6, device=device).T  # (6, 40) with a non-unit last stride
     q, s = tkd_core.ops.quantize_per_token(xt)
     qr, sr = G.quantize_per_token_ref(xt.contiguous())
     assert torch.equal(q, qr) and torch.equal(s, sr)
@@ -177,9 +190,18 @@ def test_quantize_zero_row_and_noncontiguous():
         tkd_core.ops.quantize_per_token(torch.ones(3, 0))
 
 
-@pytest.fixture(params=["avx2", "scalar"])
-def isa(request):
-    """Both CPU paths of the quantizer (the AVX2 one where the CPU has it)."""
+def pytest_generate_tests(metafunc):
+    if "isa" in metafunc.fixturenames:
+        cuda = metafunc.config.getoption("--device") == "cuda"
+        metafunc.parametrize("isa", ["cuda"] if cuda else ["avx2", "scalar"], indirect=True)
+
+
+@pytest.fixture
+def isa(request, device):
+    """The quantizer's paths: on CPU both ISAs (AVX2 where the CPU has it), on CUDA its own."""
+    if request.param == "cuda":
+        yield "cuda"
+        return
     if request.param == "avx2" and G.set_cpu_isa("auto") != "avx2":
         pytest.skip("this CPU has no AVX2")
     G.set_cpu_isa("scalar" if request.param == "scalar" else "auto")
@@ -187,24 +209,24 @@ def isa(request):
     G.set_cpu_isa("auto")
 
 
-def non_finite_rows(M, K, dtype):
+def non_finite_rows(M, K, dtype, device):
     """(x (M, K), bad (M,) bool): rows 0-3 hold NaN / +inf / -inf at the start, the middle (the
     16-wide vector loop) and the last column (the scalar tail), the other rows are finite."""
-    x = (torch.randn(M, K) * 3).to(dtype)
+    x = (torch.randn(M, K, device=device) * 3).to(dtype)
     x[0, 0] = float("nan")
     x[1, K - 1] = float("inf")
     x[2, K // 2] = -float("inf")
     x[3, K // 2] = float("nan")
     x[3, K - 1] = float("inf")
-    bad = torch.zeros(M, dtype=torch.bool)
+    bad = torch.zeros(M, dtype=torch.bool, device=device)
     bad[:4] = True
     return x, bad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("K", [5, 37, 4099])
-def test_non_finite_rows_quantize_to_nan_scale(isa, dtype, K):
-    x, bad = non_finite_rows(7, K, dtype)
+def test_non_finite_rows_quantize_to_nan_scale(isa, dtype, K, device):
+    x, bad = non_finite_rows(7, K, dtype, device)
     q, s = tkd_core.ops.quantize_per_token(x)
     qr, sr = G.quantize_per_token_ref(x)
     assert torch.isnan(s[bad]).all() and (q[bad] == 0).all(), (isa, s, q[bad].abs().max())
@@ -218,10 +240,10 @@ def test_non_finite_rows_quantize_to_nan_scale(isa, dtype, K):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,K,N", [(7, 5, 3), (257, 37, 7), (9, 4099, 16)])
-def test_non_finite_tokens_give_nan_rows_in_int8_linear(isa, dtype, M, K, N):
-    lin = torch.nn.Linear(K, N)
+def test_non_finite_tokens_give_nan_rows_in_int8_linear(isa, dtype, M, K, N, device):
+    lin = torch.nn.Linear(K, N, device=device)
     q = Int8Linear.from_float(lin)
-    x, bad = non_finite_rows(M, K, dtype)
+    x, bad = non_finite_rows(M, K, dtype, device)
     with torch.no_grad():
         y, ref = q(x), lin.to(dtype)(x)
         alone = q(x[~bad])
@@ -229,19 +251,20 @@ def test_non_finite_tokens_give_nan_rows_in_int8_linear(isa, dtype, M, K, N):
     assert torch.isnan(y[bad]).all(), "a token with NaN/inf must not give finite outputs"
     assert torch.isfinite(y[~bad]).all() and torch.equal(y[~bad], alone)
     # the GEMM's epilogue propagates a NaN per-token scale by itself
-    a, w = rand_i8(M, K), rand_i8(N, K)
-    sa = torch.rand(M) + 0.5
+    a, w = rand_i8(M, K, device=device), rand_i8(N, K, device=device)
+    sa = torch.rand(M, device=device) + 0.5
     sa[bad] = float("nan")
-    out = tkd_core.ops.int8_gemm(a, w, sa, torch.rand(N) + 0.5, torch.randn(N))
+    sb, bias = torch.rand(N, device=device) + 0.5, torch.randn(N, device=device)
+    out = tkd_core.ops.int8_gemm(a, w, sa, sb, bias)
     assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
 
 
-def test_non_finite_weight_channel_gives_nan_column():
-    lin = torch.nn.Linear(37, 5)
+def test_non_finite_weight_channel_gives_nan_column(device):
+    lin = torch.nn.Linear(37, 5, device=device)
     with torch.no_grad():
         lin.weight[2, 7] = float("nan")
         q = Int8Linear.from_float(lin)
-        y = q(torch.randn(4, 37))
+        y = q(torch.randn(4, 37, device=device))
     assert torch.isnan(q.weight_scale[2]) and (q.weight[2] == 0).all()
     assert torch.isnan(y[:, 2]).all() and torch.isfinite(y[:, [0, 1, 3, 4]]).all()
 
@@ -314,29 +337,34 @@ def test_bad_inputs():
         tkd_core.ops.int8_gemm(rand_i8(1, 200000), rand_i8(1, 200000))
 
 
-def test_noncontiguous_inputs_are_handled():
-    a_t = rand_i8(300, 37).T  # (37, 300), strides (1, 37)
-    b_s = rand_i8(20, 600)[::2, ::2]  # (10, 300), strides (1200, 2)
+def test_noncontiguous_inputs_are_handled(device):
+    a_t = rand_i8(300, 37, device=device).T  # (37, 300), strides (1, 37)
+    b_s = rand_i8(20, 600, device=device)[::2, ::2]  # (10, 300), strides (1200, 2)
     assert not a_t.is_contiguous() and not b_s.is_contiguous()
     assert torch.equal(tkd_core.ops.int8_gemm(a_t, b_s).long(), exact(a_t, b_s))
-    sa = (torch.rand(74) + 0.1)[::2]
+    sa = (torch.rand(74, device=device) + 0.1)[::2]
     y = tkd_core.ops.int8_gemm(a_t, b_s, sa, 0.5)
     assert_close(y, exact(a_t, b_s).double() * sa.double()[:, None] * 0.5, 2e-7, "strided")
 
 
-def test_empty_and_k0():
+def test_empty_and_k0(device):
+    def i8(*shape):
+        return rand_i8(*shape, device=device)
+
     for M, N in [(0, 5), (4, 0), (0, 0)]:
-        out = tkd_core.ops.int8_gemm(rand_i8(M, 16), rand_i8(N, 16))
+        out = tkd_core.ops.int8_gemm(i8(M, 16), i8(N, 16))
         assert out.shape == (M, N) and out.dtype == torch.int32
-        y = tkd_core.ops.int8_gemm(rand_i8(M, 16), rand_i8(N, 16), torch.ones(M), torch.ones(N))
+        ones = torch.ones(M + N, device=device)
+        y = tkd_core.ops.int8_gemm(i8(M, 16), i8(N, 16), ones[:M], ones[M:])
         assert y.shape == (M, N) and y.dtype == torch.float32
-    out = tkd_core.ops.int8_gemm(rand_i8(3, 0), rand_i8(4, 0))
-    assert torch.equal(out, torch.zeros(3, 4, dtype=torch.int32))
-    bias = torch.randn(4)
-    assert torch.equal(tkd_core.ops.int8_gemm(rand_i8(3, 0), rand_i8(4, 0), 1.0, 1.0, bias),
+    out = tkd_core.ops.int8_gemm(i8(3, 0), i8(4, 0))
+    assert torch.equal(out, torch.zeros(3, 4, dtype=torch.int32, device=device))
+    bias = torch.randn(4, device=device)
+    assert torch.equal(tkd_core.ops.int8_gemm(i8(3, 0), i8(4, 0), 1.0, 1.0, bias),
                        bias.expand(3, 4))
+    lin = Int8Linear.from_float(torch.nn.Linear(8, 3, device=device))
     with torch.no_grad():
-        assert Int8Linear.from_float(torch.nn.Linear(8, 3))(torch.randn(0, 8)).shape == (0, 3)
+        assert lin(torch.randn(0, 8, device=device)).shape == (0, 3)
 
 
 class _FakeCuda(torch.Tensor):

@@ -1,5 +1,6 @@
-"""kd_loss: the fused Triton kernels (in Triton's interpreter) and the torch reference path,
-against an independent float64 reference with autograd for the student gradient."""
+"""kd_loss: the fused Triton kernels (in Triton's interpreter, or compiled with --device cuda)
+and the torch reference path, against an independent float64 reference with autograd for the
+student gradient."""
 import itertools
 
 import pytest
@@ -80,7 +81,7 @@ def grad_magnitude64(s, t, labels, T, alpha, go, ignore_index=IGNORE, reduction=
     T (p_s + p_t) for the soft term, p_s + onehot for the hard one, times the upstream grad."""
     s, t = s.detach().double(), t.detach().double()
     soft = T * (torch.softmax(s / T, -1) + torch.softmax(t / T, -1))
-    rows = torch.ones(s.shape[0], dtype=torch.float64)
+    rows = torch.ones(s.shape[0], dtype=torch.float64, device=s.device)
     if labels is not None:
         keep = labels != ignore_index
         hard = torch.softmax(s, -1) + 1.0
@@ -92,11 +93,11 @@ def grad_magnitude64(s, t, labels, T, alpha, go, ignore_index=IGNORE, reduction=
     return soft * g
 
 
-def make_labels(N, V, mode):
+def make_labels(N, V, mode, device="cpu"):
     """'kept': random labels; 'some': every third row ignored; 'all': every row ignored; None."""
     if mode is None:
         return None
-    y = torch.randint(0, V, (N,))
+    y = torch.randint(0, V, (N,), device=device)
     if mode == "all":
         y[:] = IGNORE
     elif mode == "some":
@@ -109,10 +110,10 @@ def grad_output_like(loss):
     return torch.rand_like(loss) * 2 + 0.5
 
 
-def run_and_check(N, V, dtype, label_mode, reduction, T, alpha, scale=3.0):
-    s = (torch.randn(N, V) * scale).to(dtype)
-    t = (torch.randn(N, V) * scale).to(dtype)
-    y = make_labels(N, V, label_mode)
+def run_and_check(N, V, dtype, label_mode, reduction, T, alpha, scale=3.0, device="cpu"):
+    s = (torch.randn(N, V, device=device) * scale).to(dtype)
+    t = (torch.randn(N, V, device=device) * scale).to(dtype)
+    y = make_labels(N, V, label_mode, device)
     s_ours = s.clone().requires_grad_()
     loss = tkd_core.ops.kd_loss(s_ours, t, y, temperature=T, alpha=alpha, reduction=reduction)
     assert loss.dtype == torch.float32
@@ -166,25 +167,27 @@ COMBOS = list(itertools.product(("some", None, "all"), REDUCTIONS))
 
 
 @pytest.mark.parametrize("N,V,dtype,label_mode,reduction,T,alpha", SWEEP)
-def test_sweep_against_float64(N, V, dtype, label_mode, reduction, T, alpha):
-    run_and_check(N, V, dtype, label_mode, reduction, T, alpha)
+def test_sweep_against_float64(N, V, dtype, label_mode, reduction, T, alpha, device):
+    run_and_check(N, V, dtype, label_mode, reduction, T, alpha, device=device)
 
 
 @pytest.mark.parametrize("label_mode,reduction", COMBOS)
-def test_labels_and_reductions(label_mode, reduction):
-    loss, grad = run_and_check(7, 300, torch.float32, label_mode, reduction, T=2.0, alpha=0.4)
+def test_labels_and_reductions(label_mode, reduction, device):
+    loss, grad = run_and_check(7, 300, torch.float32, label_mode, reduction, T=2.0, alpha=0.4,
+                               device=device)
     if label_mode == "all":  # nothing counts: zero loss ("mean" is 0, not NaN), zero gradient
         assert torch.count_nonzero(loss) == 0 and torch.count_nonzero(grad) == 0
 
 
-def test_largest_vocabulary_one_row():
-    run_and_check(1, kd.MAX_V, torch.bfloat16, "kept", "sum", T=2.0, alpha=0.5)
+def test_largest_vocabulary_one_row(device):
+    run_and_check(1, kd.MAX_V, torch.bfloat16, "kept", "sum", T=2.0, alpha=0.5, device=device)
 
 
-def test_ignored_rows_have_zero_loss_and_grad_and_are_not_averaged():
+def test_ignored_rows_have_zero_loss_and_grad_and_are_not_averaged(device):
     N, V = 5, 33
-    s, t = torch.randn(N, V, requires_grad=True), torch.randn(N, V)
-    y = torch.tensor([3, IGNORE, 0, IGNORE, 32])
+    s = torch.randn(N, V, device=device, requires_grad=True)
+    t = torch.randn(N, V, device=device)
+    y = torch.tensor([3, IGNORE, 0, IGNORE, 32], device=device)
     rows = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.5, reduction="none")
     assert rows[1] == 0 and rows[3] == 0 and (rows[[0, 2, 4]] > 0).all()
     mean = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.5, reduction="mean")
@@ -193,53 +196,55 @@ def test_ignored_rows_have_zero_loss_and_grad_and_are_not_averaged():
     assert torch.count_nonzero(s.grad[[1, 3]]) == 0 and torch.count_nonzero(s.grad[[0, 2, 4]])
 
 
-def test_no_labels_ignores_alpha():
-    s, t = torch.randn(4, 50), torch.randn(4, 50)
+def test_no_labels_ignores_alpha(device):
+    s, t = torch.randn(4, 50, device=device), torch.randn(4, 50, device=device)
     a = tkd_core.ops.kd_loss(s, t, None, 3.0, alpha=0.1)
     b = tkd_core.ops.kd_loss(s, t, None, 3.0, alpha=0.9)
     assert a == b
     assert_close(a, ref64(s, t, None, 3.0, 0.0), 1e-5, "T^2 KL alone")
 
 
-def test_outputs_poisoned_then_fully_written():
+def test_outputs_poisoned_then_fully_written(device):
     assert utils.poison_requested()  # conftest: every launcher buffer starts as NaN
     N, V = 6, 70
-    s, t = torch.randn(N, V), torch.randn(N, V)
-    y = make_labels(N, V, "some")
+    s, t = torch.randn(N, V, device=device), torch.randn(N, V, device=device)
+    y = make_labels(N, V, "some", device)
     rows, grad = kd.kd_loss_fwd(s, t, y, 2.0, 0.5, IGNORE, "none", compute_grad=True)
     assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
-    out = kd.kd_loss_bwd(grad, torch.rand(N))
+    out = kd.kd_loss_bwd(grad, torch.rand(N, device=device))
     assert torch.isfinite(out).all()
     loss, g = kd.kd_loss_fwd(s, t, y, 2.0, 0.5, IGNORE, "mean", compute_grad=False)
     assert torch.isfinite(loss) and g.numel() == 0  # no gradient work without requires_grad
 
 
-def test_teacher_gets_no_gradient_and_retain_graph_is_repeatable():
-    s = torch.randn(3, 20, requires_grad=True)
-    t = torch.randn(3, 20, requires_grad=True)
-    loss = tkd_core.ops.kd_loss(s, t, torch.tensor([1, 2, 3]), 2.0, 0.5, reduction="sum")
-    loss.backward(torch.tensor(0.7), retain_graph=True)
+def test_teacher_gets_no_gradient_and_retain_graph_is_repeatable(device):
+    s = torch.randn(3, 20, device=device, requires_grad=True)
+    t = torch.randn(3, 20, device=device, requires_grad=True)
+    y = torch.tensor([1, 2, 3], device=device)
+    loss = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.5, reduction="sum")
+    go = torch.tensor(0.7, device=device)
+    loss.backward(go, retain_graph=True)
     g1 = s.grad.clone()
-    loss.backward(torch.tensor(0.7))  # the saved gradient was not scaled in place
+    loss.backward(go)  # the saved gradient was not scaled in place
     assert_close(s.grad, 2 * g1, 1e-6, "second backward")
     assert t.grad is None
 
 
-def test_student_only_requires_grad_through_teacher_is_fine():
-    s = torch.randn(3, 20)
-    t = torch.randn(3, 20, requires_grad=True)
+def test_student_only_requires_grad_through_teacher_is_fine(device):
+    s = torch.randn(3, 20, device=device)
+    t = torch.randn(3, 20, device=device, requires_grad=True)
     loss = tkd_core.ops.kd_loss(s, t, None, 2.0)
     assert not loss.requires_grad and t.grad is None
 
 
-def test_mixed_dtypes_noncontiguous_and_int32_labels():
-    s = torch.randn(6, 20, dtype=torch.float16).T  # non-contiguous (20, 6), column stride 20
-    t = torch.randn(20, 6, dtype=torch.float32)
-    y = torch.randint(0, 6, (40,), dtype=torch.int32)[::2]  # strided int32 labels
+def test_mixed_dtypes_noncontiguous_and_int32_labels(device):
+    s = torch.randn(6, 20, dtype=torch.float16, device=device).T  # (20, 6), column stride 20
+    t = torch.randn(20, 6, dtype=torch.float32, device=device)
+    y = torch.randint(0, 6, (40,), dtype=torch.int32, device=device)[::2]  # strided int32
     loss = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.5)  # computed in fp32: t is not rounded
     assert_close(loss, ref64(s, t, y, 2.0, 0.5), 1e-4, "fp16 student, fp32 teacher")
-    s = torch.randn(20, 10)[:, 3:9].requires_grad_()  # row stride 10, unit column stride
-    y = torch.randint(0, 6, (40,))[::2]  # strided int64 labels
+    s = torch.randn(20, 10, device=device)[:, 3:9].requires_grad_()  # row stride 10
+    y = torch.randint(0, 6, (40,), device=device)[::2]  # strided int64 labels
     loss = tkd_core.ops.kd_loss(s, t, y, 2.0, 0.5, reduction="none")
     loss.sum().backward()
     s64 = s.detach().double().requires_grad_()
@@ -248,18 +253,15 @@ def test_mixed_dtypes_noncontiguous_and_int32_labels():
     assert_close(s.grad, s64.grad, 1e-5, "row-strided grad")
 
 
-@pytest.mark.parametrize("path", ["interpreter", "reference"])
 @pytest.mark.parametrize("student_dtype", [torch.float16, torch.bfloat16])
-def test_fp32_teacher_is_not_rounded_to_a_half_student(path, student_dtype, monkeypatch):
+def test_fp32_teacher_is_not_rounded_to_a_half_student(path, device, student_dtype):
     """Teacher logits of 7e4 (fp32) with an fp16 student: cast to fp16 they were inf and the
     loss NaN. Mixed dtypes are computed in fp32; the gradient comes back in the student's dtype."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "interpreter" else "0")
-    assert tkd_core.ops.backend(torch.zeros(1)) == path
     N, V = 5, 33
-    s = torch.randn(N, V).to(student_dtype)
-    t = torch.randn(N, V) * 3
+    s = torch.randn(N, V, device=device).to(student_dtype)
+    t = torch.randn(N, V, device=device) * 3
     t[0, 4], t[1, 0], t[3, 32] = 7e4, -7e4, 1e5
-    y = torch.tensor([4, 1, IGNORE, 32, 0])
+    y = torch.tensor([4, 1, IGNORE, 32, 0], device=device)
     s_ours = s.clone().requires_grad_()
     loss = tkd_core.ops.kd_loss(s_ours, t, y, 2.0, 0.5, reduction="none")
     go = grad_output_like(loss)
@@ -275,9 +277,10 @@ def test_fp32_teacher_is_not_rounded_to_a_half_student(path, student_dtype, monk
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-def test_empty_batch(reduction):
-    s = torch.randn(0, 10, requires_grad=True)
-    loss = tkd_core.ops.kd_loss(s, torch.randn(0, 10), torch.zeros(0, dtype=torch.long),
+def test_empty_batch(reduction, device):
+    s = torch.randn(0, 10, device=device, requires_grad=True)
+    loss = tkd_core.ops.kd_loss(s, torch.randn(0, 10, device=device),
+                                torch.zeros(0, dtype=torch.long, device=device),
                                 reduction=reduction)
     assert loss.shape == ((0,) if reduction == "none" else ())
     if reduction != "none":
@@ -290,32 +293,32 @@ def test_empty_batch(reduction):
 # Numerical stability: huge magnitudes, -inf masks
 # ------------------------------------------------------------------------------------------
 
-def stability_inputs(kind, N=4, V=300, dtype=torch.float32):
-    s, t = torch.randn(N, V), torch.randn(N, V)
+def stability_inputs(kind, N=4, V=300, dtype=torch.float32, device="cpu"):
+    s, t = torch.randn(N, V, device=device), torch.randn(N, V, device=device)
     if kind == "1e4":
         s, t = s * 1e4, t * 1e4
     elif kind == "masked_both":  # masked classes: -inf in student and teacher at one place
-        mask = torch.rand(N, V) < 0.3
+        mask = torch.rand(N, V, device=device) < 0.3
         mask[:, :5] = False  # every row keeps a few classes (labels are drawn from them)
         s, t = s.masked_fill(mask, float("-inf")), t.masked_fill(mask, float("-inf"))
     elif kind == "masked_teacher":  # teacher -inf where the student is finite
-        mask = torch.rand(N, V) < 0.3
+        mask = torch.rand(N, V, device=device) < 0.3
         mask[:, :5] = False
         t = t.masked_fill(mask, float("-inf"))
     elif kind == "masked_tile":  # a whole column tile of -inf before any finite value
         V = 2 * kd.config(5000).block + 7
-        s, t = torch.randn(N, V), torch.randn(N, V)
+        s, t = torch.randn(N, V, device=device), torch.randn(N, V, device=device)
         s[:, :V - 9] = float("-inf")
         t[:, :V - 9] = float("-inf")
-    return s.to(dtype), t.to(dtype), torch.randint(V - 5 if kind == "masked_tile" else 0,
-                                                      V if kind == "masked_tile" else 5, (N,))
+    lo, hi = (V - 5, V) if kind == "masked_tile" else (0, 5)
+    return s.to(dtype), t.to(dtype), torch.randint(lo, hi, (N,), device=device)
 
 
 @pytest.mark.parametrize("kind,dtype", [
     *itertools.product(["1e4", "masked_both", "masked_teacher"], DTYPES),
     ("masked_tile", torch.float32)])
-def test_stability_finite_and_matches_reference(kind, dtype):
-    s, t, y = stability_inputs(kind, dtype=dtype)
+def test_stability_finite_and_matches_reference(kind, dtype, device):
+    s, t, y = stability_inputs(kind, dtype=dtype, device=device)
     for labels in (y, None):
         s_ours = s.clone().requires_grad_()
         loss = tkd_core.ops.kd_loss(s_ours, t, labels, 2.0, 0.7, reduction="none")
@@ -414,10 +417,10 @@ def test_bad_input_names_the_argument(case):
         tkd_core.ops.kd_loss(**dict(base, **override))
 
 
-def test_ignore_index_value_is_not_a_bad_label():
-    y = torch.tensor([0, 7, 1])
-    loss = tkd_core.ops.kd_loss(torch.randn(3, 4), torch.randn(3, 4), y, ignore_index=7,
-                                reduction="none")
+def test_ignore_index_value_is_not_a_bad_label(device):
+    y = torch.tensor([0, 7, 1], device=device)
+    loss = tkd_core.ops.kd_loss(torch.randn(3, 4, device=device), torch.randn(3, 4, device=device),
+                                y, ignore_index=7, reduction="none")
     assert loss[1] == 0
 
 
@@ -425,12 +428,12 @@ def test_ignore_index_value_is_not_a_bad_label():
 # torch.compile, module, AOT configuration list
 # ------------------------------------------------------------------------------------------
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(device):
     def f(s, t, y):
         return tkd_core.ops.kd_loss(s, t, y, temperature=2.0, alpha=0.3) * 2
 
-    s, t = torch.randn(5, 37), torch.randn(5, 37)
-    y = torch.tensor([0, IGNORE, 36, 4, 5])
+    s, t = torch.randn(5, 37, device=device), torch.randn(5, 37, device=device)
+    y = torch.tensor([0, IGNORE, 36, 4, 5], device=device)
     s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     out = compiled(s1, t, y)
@@ -440,7 +443,7 @@ def test_torch_compile_fullgraph():
     assert_close(out, ref, 1e-6, "compiled loss")
     assert_close(s1.grad, s2.grad, 1e-6, "compiled grad")
     with pytest.raises(ValueError, match="labels must be in"):  # checked inside the op
-        compiled(s1, t, torch.tensor([0, 1, 2, 3, 37]))
+        compiled(s1, t, torch.tensor([0, 1, 2, 3, 37], device=device))
 
 
 def test_fake_implementation_shapes():

@@ -1,8 +1,8 @@
 """The drop-in modules of tkd_core.nn against their torch equivalents on the same weights:
 LayerNorm vs torch.nn.LayerNorm, KDLoss vs F.kl_div + F.cross_entropy, MultiHeadAttention vs
 F.scaled_dot_product_attention, Int8Linear vs nn.Linear (quantization error: SQNR) and vs its
-exact int8 reference. Forward and every gradient, on the Triton path (the interpreter here) and
-on the torch reference path, at odd sizes.
+exact int8 reference. Forward and every gradient, on every path of the device (the `path`
+fixture: the interpreter and the torch references on CPU, compiled Triton on CUDA), at odd sizes.
 """
 import pytest
 import torch
@@ -14,15 +14,6 @@ from tkd_core import int8_gemm as G
 from tkd_core.nn import Int8Linear
 
 IGNORE = -100
-PATHS = ["interpreter", "reference"]
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    """Run the test on the Triton kernels (interpreter) and on the ops' torch references."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "interpreter" else "0")
-    assert tkd_core.ops.backend(torch.zeros(1)) == request.param
-    return request.param
 
 
 def grads(out, leaves, go):
@@ -33,33 +24,32 @@ def grads(out, leaves, go):
 # LayerNorm
 
 @pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"bias": False}])
-def test_nn_layernorm_drop_in(kwargs):
-    ref = torch.nn.LayerNorm(768, eps=1e-6, **kwargs)
+def test_nn_layernorm_drop_in(kwargs, device):
+    ref = torch.nn.LayerNorm(768, eps=1e-6, device=device, **kwargs)
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_()
-    mod = tkd_core.nn.LayerNorm(768, eps=1e-6, **kwargs)
+    mod = tkd_core.nn.LayerNorm(768, eps=1e-6, device=device, **kwargs)
     assert list(mod.state_dict()) == list(ref.state_dict())
     mod.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 3, 768)
+    x = torch.randn(2, 3, 768, device=device)
     assert_close(mod(x), ref(x), sum_tol(torch.float32, 768), "y")
-    r = torch.randn(2, 3, 768)
+    r = torch.randn(2, 3, 768, device=device)
     y, h = mod(x, r)
     assert_close(h, x + r, 0.0, "x + residual")
     assert_close(y, ref(x + r), sum_tol(torch.float32, 768), "y with residual")
 
 
 @pytest.mark.parametrize("shape", [(3, 1), (7, 7), (257, 7), (2, 4099)])
-def test_layernorm_gradients_match_torch(path, shape):
+def test_layernorm_gradients_match_torch(path, device, shape):
     N = shape[-1]
-    ref = torch.nn.LayerNorm(N).double()
+    ref = torch.nn.LayerNorm(N, device=device).double()
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_()
-    mod = tkd_core.nn.LayerNorm(N)
+    mod = tkd_core.nn.LayerNorm(N, device=device)
     mod.load_state_dict(ref.state_dict())
-    x, r = torch.randn(shape), torch.randn(shape)
-    gy, gh = torch.randn(shape), torch.randn(shape)
+    x, r, gy, gh = (torch.randn(shape, device=device) for _ in range(4))
     leaves = [x.clone().requires_grad_(), r.clone().requires_grad_(), *mod.parameters()]
     y, h = mod(leaves[0], leaves[1])
     got = (y, h, *grads((y, h), leaves, (gy, gh)))
@@ -98,12 +88,12 @@ def torch_kd(s, t, y, T, alpha, reduction):
     return {"none": rows, "sum": rows.sum(), "mean": rows.sum() / max(count, 1)}[reduction]
 
 
-def test_kd_loss_module():
+def test_kd_loss_module(device):
     m = tkd_core.nn.KDLoss(temperature=2.0, alpha=0.25, reduction="sum")
     assert "temperature=2.0" in repr(m) and not m.state_dict()
-    s = torch.randn(4, 30, requires_grad=True)
-    t = torch.randn(4, 30)
-    y = torch.tensor([1, IGNORE, 2, 29])
+    s = torch.randn(4, 30, device=device, requires_grad=True)
+    t = torch.randn(4, 30, device=device)
+    y = torch.tensor([1, IGNORE, 2, 29], device=device)
     loss = m(s, t, y)
     loss.backward()
     assert_close(loss, torch_kd(s, t, y, 2.0, 0.25, "sum"), 1e-5, "KDLoss")
@@ -114,10 +104,10 @@ def test_kd_loss_module():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("N,V", [(1, 1), (7, 2), (257, 7), (3, 4099)])
-def test_kd_loss_module_gradient_matches_torch(path, N, V, reduction):
+def test_kd_loss_module_gradient_matches_torch(path, device, N, V, reduction):
     m = tkd_core.nn.KDLoss(temperature=4.0, alpha=0.7, reduction=reduction)
-    s, t = torch.randn(N, V) * 3, torch.randn(N, V) * 3
-    y = torch.randint(0, V, (N,))
+    s, t = torch.randn(N, V, device=device) * 3, torch.randn(N, V, device=device) * 3
+    y = torch.randint(0, V, (N,), device=device)
     y[::3] = IGNORE
     s1 = s.clone().requires_grad_()
     loss = m(s1, t, y)
@@ -133,14 +123,15 @@ def test_kd_loss_module_gradient_matches_torch(path, N, V, reduction):
 # ------------------------------------------------------------------------------------------
 # MultiHeadAttention
 
-def test_multi_head_attention_matches_sdpa(path):
+def test_multi_head_attention_matches_sdpa(path, device):
     B, S, hidden, heads = 2, 19, 64, 4
-    mha = tkd_core.nn.MultiHeadAttention(hidden, heads)
-    x = torch.randn(B, S, hidden, requires_grad=True)
-    mask = torch.ones(B, S, dtype=torch.bool)
+    mha = tkd_core.nn.MultiHeadAttention(hidden, heads, device=device)
+    x = torch.randn(B, S, hidden, device=device, requires_grad=True)
+    mask = torch.ones(B, S, dtype=torch.bool, device=device)
     mask[1, 11:] = False  # second sequence padded
+    go = torch.linspace(-1, 1, B * S * hidden, device=device).view(B, S, hidden)
     y = mha(x, mask)
-    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+    y.backward(go)
     got = [x.grad] + [p.grad for p in mha.parameters()]
 
     x2 = x.detach().requires_grad_()
@@ -149,7 +140,7 @@ def test_multi_head_attention_matches_sdpa(path):
     qkv = F.linear(x2, w_qkv, b_qkv).view(B, S, 3, heads, -1).permute(2, 0, 3, 1, 4)
     o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask[:, None, None, :])
     ref = F.linear(o.transpose(1, 2).reshape(B, S, hidden), w_o, b_o)
-    ref.backward(torch.linspace(-1, 1, ref.numel()).view_as(ref))
+    ref.backward(go)
     assert_close(y, ref, 1e-5, "MultiHeadAttention forward")
     for g, r in zip(got, [x2.grad] + [p.grad for p in params]):
         assert_close(g, r, 1e-5, "MultiHeadAttention grads")
@@ -164,9 +155,9 @@ def test_multi_head_attention_rejects_indivisible_heads():
 # Int8Linear
 
 @pytest.mark.parametrize("M,K,N", [(1, 768, 768), (77, 768, 3072), (33, 3072, 768)])
-def test_int8_linear_sqnr(M, K, N):
-    lin = torch.nn.Linear(K, N)
-    x = torch.randn(M, K)
+def test_int8_linear_sqnr(M, K, N, device):
+    lin = torch.nn.Linear(K, N, device=device)
+    x = torch.randn(M, K, device=device)
     q = Int8Linear.from_float(lin)
     with torch.no_grad():
         y, ref = q(x), lin(x)
@@ -180,10 +171,10 @@ def test_int8_linear_sqnr(M, K, N):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,K,N", [(1, 7, 1), (257, 33, 7)])
-def test_int8_linear_half_inputs(dtype, M, K, N):
-    lin = torch.nn.Linear(K, N)
+def test_int8_linear_half_inputs(dtype, M, K, N, device):
+    lin = torch.nn.Linear(K, N, device=device)
     q = Int8Linear.from_float(lin)
-    x = torch.randn(M, K).to(dtype)
+    x = torch.randn(M, K, device=device).to(dtype)
     with torch.no_grad():
         y = q(x)
         qx, sx = G.quantize_per_token_ref(x)
@@ -193,17 +184,17 @@ def test_int8_linear_half_inputs(dtype, M, K, N):
     assert_close(y, expect, {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype], str(dtype))
 
 
-def test_int8_linear_module_behaviour():
-    lin = torch.nn.Linear(64, 24)
+def test_int8_linear_module_behaviour(device):
+    lin = torch.nn.Linear(64, 24, device=device)
     q = Int8Linear.from_float(lin)
-    x = torch.randn(2, 5, 64)
+    x = torch.randn(2, 5, 64, device=device)
     with torch.no_grad():
         y = q(x)
         assert y.shape == (2, 5, 24) and y.dtype == torch.float32
         assert q(x.bfloat16()).dtype == torch.bfloat16
     assert sorted(q.state_dict()) == ["bias", "weight", "weight_scale"]
     assert q.weight.dtype == torch.int8 and q.weight.abs().max() <= 127
-    q2 = Int8Linear(64, 24)
+    q2 = Int8Linear(64, 24, device=device)
     q2.load_state_dict(q.state_dict())  # repacks the loaded weight
     with torch.no_grad():
         assert torch.equal(q2(x), y)
@@ -211,9 +202,9 @@ def test_int8_linear_module_behaviour():
         q(x.requires_grad_())
     with pytest.raises(ValueError, match="in_features"):
         with torch.no_grad():
-            q(torch.randn(3, 63))
-    nb = Int8Linear.from_float(torch.nn.Linear(64, 24, bias=False))
+            q(torch.randn(3, 63, device=device))
+    nb = Int8Linear.from_float(torch.nn.Linear(64, 24, bias=False, device=device))
     with torch.inference_mode():
         assert nb(x).shape == (2, 5, 24)
     with pytest.raises(TypeError, match="from_float expects an nn.Linear"):
-        Int8Linear.from_float(torch.nn.Conv1d(3, 3, 1))
+        Int8Linear.from_float(torch.nn.Conv1d(3, 3, 1, device=device))
