@@ -10,7 +10,9 @@ import torch
 from conftest import SST2_DIR
 from tkd_core.study import jobs, measurements, plan, report, run, stats
 from tkd_core.study.__main__ import main as study_main
-from tkd_core.model import ModelConfig, build_model, param_count
+from tkd_core import data
+from tkd_core.models import ModelConfig, build_model
+from tkd_core.measure import param_count
 
 HAVE_SST2 = os.path.isfile(os.path.join(SST2_DIR, "train.tsv"))
 DATA = ["--task", "sst2", "--data-dir", SST2_DIR] if HAVE_SST2 else ["--task", "synthetic"]
@@ -288,3 +290,47 @@ def test_changed_settings_are_not_reused(tiny_study, reference_backend):
     assert rows["tkd_T1_s0"]["epochs"] == 2.0 and rows["rnn_s0"]["epochs"] == 1.0
     assert len(_attempts(out, "tkd_T1_s0")) == 2 and len(_attempts(out, "rnn_s0")) == 1
     assert json.load(open(os.path.join(out, "tkd_T1_s0", "summary.json")))["args"]["epochs"] == 2
+
+
+def test_tiny_pretrained_study_end_to_end(tmp_path, reference_backend):
+    """--pretrained on a tiny random BERT folder and a data slice: every job type trains (the
+    teacher from the folder, students from its layers, transfer set, ablations), and the report
+    carries the pretrained targets, the published table and both studies' points."""
+    import transformers
+    d = str(tmp_path / "bert")
+    tok = data.train_tokenizer(data.texts(data.load_split("synthetic", "train")[:2000]), 400)
+    data.save_tokenizer(tok, d)
+    cfg = transformers.BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32,
+                                  num_hidden_layers=4, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(cfg).save_pretrained(d)
+    out = str(tmp_path / "study")
+    scratch = tmp_path / "scratch.json"
+    scratch.write_text(json.dumps({"groups": {"teacher": dict(
+        label="Teacher", accuracy=0.8, accuracy_std=0.0, latency_ms={"1": 1.0},
+        size_fp32=1000, size_int8=None)}}))
+    argv = DATA + ["--pretrained", d, "--student-layers", "teacher:1,3", "--jobs", "0",
+                   "--max-train-examples", "96", "--max-dev-examples", "48", "--seeds", "0",
+                   "--baseline-prefix", "tiny", "--small-preset", "tiny", "--vocab-size", "1000",
+                   "--baseline-epochs", "1", "--latency-reps", "2", "--latency-rounds", "1",
+                   "--latency-threads", "1", "--threads", "1", "--out", out,
+                   "--compare-with", str(scratch)]
+    res = run.run_study(run.parse_args(argv), argv)
+    assert res["failed"] == []
+    g = res["groups"]
+    assert {"teacher", "tkd", "tnlp", "tkd-small", "kd-bilstm", "tkd-noaug", "tkd-hidden",
+            "tkd-attn", "int8", "lstm", "tfidf"} <= set(g)
+    assert g["tkd"]["params"] < g["teacher"]["params"]
+    runs = {r["name"]: r for r in res["runs"]}
+    assert runs["tkd_s0"]["config"]["num_layers"] == 2 and runs["tkd_s0"]["config"][
+        "hidden_size"] == 32
+    assert "--augment 1" in runs["tkd_s0"]["command"] and "--hidden-loss mse" in runs[
+        "tkd_hidden_s0"]["command"]
+    assert len(res["targets"]) == 7 and all(t["met"] in (True, False) for t in res["targets"])
+    report = open(os.path.join(out, "report.md")).read()
+    for needle in ("TKD-NLP with a pretrained teacher", "MiniLM-L6-H384", "Tang et al. 2019",
+                   "## Targets", "Teacher >= 90.0% dev", "../sst2/report.md"):
+        assert needle in report, needle
+    import matplotlib.image
+    img = matplotlib.image.imread(os.path.join(out, "accuracy_vs_size.png"))
+    assert img.shape[0] > 200 and img.std() > 0

@@ -19,7 +19,7 @@ from .. import data as gdata
 from ..checkpoint import load_model
 from ..measure import evaluate, latency_ms, median_ms, param_count, size_on_disk
 from .jobs import read_attempts
-from .plan import GROUPS, train_argv
+from .plan import GROUPS, PRETRAINED_GROUPS, train_argv
 
 LATENCY_BATCHES = (1, 32)
 
@@ -88,11 +88,16 @@ def measure(a, plan, status, spec, train, dev, tokenizer) -> List[dict]:
     from tokenizers import Tokenizer
     torch.set_num_threads(a.latency_threads)
     a.load_at_latency = os.getloadavg()[0]  # other processes on the machine skew latency
-    tok = Tokenizer.from_file(tokenizer)
-    dev_items = gdata.encode(tok, dev, a.max_len)
+    encoded = {}  # tokenizer JSON -> dev items: each run is evaluated with its own tokenizer
+
+    def dev_items_of(tok_json):
+        if tok_json not in encoded:
+            encoded[tok_json] = gdata.encode(Tokenizer.from_str(tok_json), dev, a.max_len)
+        return encoded[tok_json]
     runs, timed = [], {}  # timed: latency key -> model (one per architecture)
     for job in plan:
-        label = GROUPS.get(job.group, (f"TKD-NLP (T={job.temperature:g})",))[0]
+        label = ((PRETRAINED_GROUPS if a.pretrained else {}).get(job.group) or GROUPS.get(
+            job.group, (f"TKD-NLP (T={job.temperature:g})",)))[0]
         row = dict(name=job.name, group=job.group, label=label, mode=job.mode, seed=job.seed,
                    temperature=job.temperature, epochs=job.epochs)
         if job.mode == "tfidf":
@@ -122,7 +127,8 @@ def measure(a, plan, status, spec, train, dev, tokenizer) -> List[dict]:
         cfg = model.config
         row.update(config=cfg.to_dict(), train_args=ck.get("args", {}), params=param_count(model),
                    size_fp32=size_on_disk(model),
-                   metrics=_metrics(evaluate(model, dev_items, spec, batch_size=128)))
+                   metrics=_metrics(evaluate(model, dev_items_of(ck["tokenizer"]), spec,
+                                             batch_size=128)))
         q, why = int8_copy(model)
         row["size_int8"] = size_on_disk(q) if q is not None else None
         key = json.dumps(cfg.to_dict(), sort_keys=True)  # same architecture: time it once
@@ -137,7 +143,7 @@ def measure(a, plan, status, spec, train, dev, tokenizer) -> List[dict]:
         row["trainer_dev_metrics"] = s.get("metrics")
         runs.append(row)
         if job.int8:
-            runs.append(int8_row(job, q, why, dev_items, spec, row))
+            runs.append(int8_row(job, q, why, dev_items_of(ck["tokenizer"]), spec, row))
             if q is not None:
                 timed["int8"] = q
         print(f"[study] measured {job.name}: acc {row['metrics']['accuracy']:.4f}", flush=True)

@@ -36,7 +36,7 @@ from .jobs import Invocations, Task, record_attempt, run_in_process, run_state, 
 from .measurements import hardware, measure
 from .plan import TEACHER_SET, make_plan, train_argv
 from .report import write_plots, write_report
-from .stats import aggregate, targets
+from .stats import aggregate, targets, targets_pretrained
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m tkd_core.study",
@@ -79,6 +79,8 @@ def parse_args(argv=None):
     a("--augment", type=int, default=1, help="--pretrained: transfer-set copies per example")
     a("--ablation", action=argparse.BooleanOptionalAction, default=True, help="--pretrained: "
       "one seed each without the transfer set, with hidden MSE, with hidden + attention")
+    a("--compare-with", default=os.path.join("docs", "results", "sst2", "results.json"),
+      help="--pretrained: the from-scratch study's results.json, plotted beside")
     a("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a("--baseline-seeds", type=int, default=1, help="how many of --seeds the RNN/LSTM/CNN use")
     a("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0])
@@ -232,7 +234,10 @@ def study_config(a, plan, runs, tokenizer) -> dict:
         r = first.get(job.group)
         c, t = (r["config"], r["train_args"]) if r else ({}, {})
         models[job.group] = dict(mode=job.mode, arch=c.get("arch", job.arch), preset=job.preset,
-                                 overrides=list(job.overrides), pre_ln=c.get("pre_ln"),
+                                 overrides=list(job.overrides) + [
+                                     " ".join(job.extra[i:i + 2]) for i in
+                                     range(0, len(job.extra), 2)] if job.extra else
+                                 list(job.overrides), pre_ln=c.get("pre_ln"),
                                  num_layers=c.get("num_layers"), hidden_size=c.get("hidden_size"),
                                  ffn_size=c.get("ffn_size"), epochs=t.get("epochs"),
                                  lr=t.get("lr"),
@@ -246,7 +251,8 @@ def study_config(a, plan, runs, tokenizer) -> dict:
                 vocab_size=Tokenizer.from_file(tokenizer).get_vocab_size(),
                 latency_reps=a.latency_reps, latency_rounds=a.latency_rounds,
                 max_train_examples=a.max_train_examples,
-                max_dev_examples=a.max_dev_examples)
+                max_dev_examples=a.max_dev_examples, pretrained=a.pretrained,
+                augment=a.augment if a.pretrained else 0, student_layers=a.student_layers)
 
 
 def command_line(argv) -> str:
@@ -273,14 +279,18 @@ def run_study(a, argv) -> dict:
     if q is not None:
         groups["int8"]["fp32_accuracy"] = q.get("fp32_accuracy")
         groups["int8"]["note"] = q.get("note")
-    res["targets"] = targets(groups)
+    res["targets"] = (targets_pretrained if a.pretrained else targets)(groups)
     res["wall_s"] = time.perf_counter() - t0
     clock.tick(completed=True)
     res["invocations"], res["total_wall_s"] = clock.runs, clock.total_s
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
     write_report(os.path.join(a.out, "report.md"), res)
-    res["plots"] = write_plots(a.out, groups)
+    other = None
+    if a.pretrained and a.compare_with and os.path.isfile(a.compare_with):
+        with open(a.compare_with) as f:
+            other = json.load(f)["groups"]
+    res["plots"] = write_plots(a.out, groups, other)
     print(f"[study] wrote {a.out}/report.md, results.json and plots in "
           f"{res['wall_s'] / 60:.1f} min", flush=True)
     if a.publish:

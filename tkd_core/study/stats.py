@@ -93,3 +93,45 @@ def targets(groups) -> List[dict]:
         add("ablation: Transformer + KD beats Transformer alone and KD alone (beyond noise)",
             None, "missing runs")
     return out
+
+
+def targets_pretrained(groups) -> List[dict]:
+    """The pretrained study's targets, each met or not (None: runs missing), with numbers."""
+    out = []
+    g = groups.get
+    acc = lambda x: x["accuracy"] if x and x["accuracy"] is not None else None  # noqa: E731
+
+    def add(name, ok, detail, *need):
+        missing = any(v is None for v in need)
+        out.append(dict(target=name, met=None if missing else ok,
+                        detail="missing runs" if missing else detail))
+
+    t, s = acc(g("teacher")), acc(g("tkd"))
+    add("Teacher >= 90.0% dev (published MiniLM-L6-H384: 91.5)", t is not None and t >= 0.90,
+        f"teacher {100 * (t or 0):.2f}%", t)
+    add("TKD-NLP (2 layers) >= 97% of the teacher", s is not None and t and s / t >= 0.97,
+        f"{100 * (s or 0):.2f}% = {100 * (s or 0) / (t or 1):.1f}% of the teacher", t, s)
+    for a, b, name in (("tkd", "tnlp", "TKD-NLP beats T-NLP beyond the noise"),
+                       ("kd-bilstm", "lstm", "KD-NLP (BiLSTM + transfer set) beats the hard-label "
+                                             "LSTM beyond the noise")):
+        c = compare(groups, a, b)
+        add(name, bool(c) and c["diff"] > 0 and c["beyond_noise"],
+            f"{100 * c['diff']:+.2f} points; seed std up to {100 * c['noise_std']:.2f}, spread "
+            f"up to {100 * c['seed_spread']:.2f} ({c['seeds']} seed(s))" if c else "", c)
+    q, tg = g("int8"), g("teacher")
+    ok = q and acc(q) is not None and q.get("fp32_accuracy") is not None and tg and \
+        tg.get("latency_ms") and q.get("latency_ms") and tg.get("size_fp32")
+    if ok:
+        drop = 100 * (q["fp32_accuracy"] - acc(q))
+        speed = tg["latency_ms"][1] / q["latency_ms"][1]
+        frac = q["size_int8"] / tg["size_fp32"]
+    add("TKD-NLP INT8 loses <= 0.5 points vs its fp32 self", ok and drop <= 0.5,
+        f"{drop:+.2f} points ({100 * q['fp32_accuracy']:.2f}% -> {100 * acc(q):.2f}%)"
+        if ok else "", ok or None)
+    add("TKD-NLP INT8 >= 4x faster than the fp32 teacher at batch 1", ok and speed >= 4,
+        f"{q['latency_ms'][1]:.2f} ms vs {tg['latency_ms'][1]:.2f} ms = {speed:.1f}x"
+        if ok else "", ok or None)
+    add("TKD-NLP INT8 <= 1/4 of the fp32 teacher's bytes", ok and frac <= 0.25,
+        f"{q['size_int8'] / 2**20:.1f} MB vs {tg['size_fp32'] / 2**20:.1f} MB = {frac:.2f}"
+        if ok else "", ok or None)
+    return out
