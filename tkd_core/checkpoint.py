@@ -54,21 +54,28 @@ def load_model(path: str, device=None):
     model = build_model(ModelConfig.from_dict(ck["config"]))
     if ck.get("int8"):  # an INT8 model: the same layers quantized before its weights load
         from . import quantize_model
+        from .int8_embedding import quantize_embeddings
         converted = set(ck["int8"]["converted"])
         quantize_model(model, skip=lambda name, m: name not in converted)
+        tables = set(ck["int8"].get("embeddings", ()))
+        quantize_embeddings(model, skip=[n for n, m in model.named_modules()
+                                         if isinstance(m, nn.Embedding) and n not in tables])
     model.load_state_dict(ck["model"])
     if device is not None:
         model.to(device)
     return model.eval().requires_grad_(False), ck
 
 
-def save_int8(path: str, model: nn.Module, report, task: str, tokenizer_json: str) -> None:
-    """An INT8 model (after `quantize_model`, whose report names the converted layers) as a tkd
-    checkpoint that `load_model` reads back."""
+def save_int8(path: str, model: nn.Module, report, task: str, tokenizer_json: str,
+              embeddings=()) -> None:
+    """An INT8 model (after `quantize_model`, whose report names the converted layers, and
+    `quantize_embeddings`, whose converted table names are `embeddings`) as a tkd checkpoint
+    that `load_model` reads back."""
     save_checkpoint(path, dict(model=clean_state_dict(model.state_dict()),
                                config=model.config.to_dict(), step=0, task=task,
                                tokenizer=tokenizer_json,
-                               int8=dict(converted=[n for n, _, _ in report.converted])))
+                               int8=dict(converted=[n for n, _, _ in report.converted],
+                                         embeddings=list(embeddings))))
 
 
 def rng_state() -> dict:

@@ -76,6 +76,7 @@ PRETRAINED = {"teacher": dict(epochs=1, lr=1e-4, batch_size=32, group_by_length=
 def pretrained_pipeline(args) -> int:
     from . import quantize_model
     from .checkpoint import save_int8
+    from .int8_embedding import quantize_embeddings
     from .train import train
     from .warmstart import load_teacher
     root = _root(args)
@@ -105,12 +106,14 @@ def pretrained_pipeline(args) -> int:
                  metrics=evaluate(teacher, items, spec, "cpu", args.eval_batch_size))
     q = copy.deepcopy(s["model"]).cpu()
     report = quantize_model(q, skip=("pooler", "classifier"))
-    print(f"INT8 student: {str(report).splitlines()[0]}")
+    tables = [n for n, _, _ in quantize_embeddings(q)]  # the teacher's vocabulary: most bytes
+    print(f"INT8 student: {str(report).splitlines()[0]}; int8 embedding tables: "
+          f"{', '.join(tables)}")
     m = evaluate(q, items, spec, torch.device("cpu"), args.eval_batch_size)
     ck = os.path.join(root, "student-int8", CHECKPOINT)
     os.makedirs(os.path.dirname(ck), exist_ok=True)
     from .checkpoint import load_checkpoint
-    save_int8(ck, q, report, spec.name, load_checkpoint(s["checkpoint"])["tokenizer"])
+    save_int8(ck, q, report, spec.name, load_checkpoint(s["checkpoint"])["tokenizer"], tables)
     rows = [report_row(f"teacher ({t['config']['num_layers']}L)", t["model"], t["metrics"], spec),
             report_row(f"student KD ({s['config']['num_layers']}L, {layers})", s["model"],
                        s["metrics"], spec),

@@ -28,12 +28,15 @@ def _metrics(m: dict) -> dict:
     """The report's two columns."""
     return {"accuracy": m["accuracy"], "f1": m.get("f1")}
 
-def int8_copy(model):
+def int8_copy(model, embeddings: bool = False):
     """(INT8 copy, None) or (None, reason) through tkd_core.quantize_model."""
     from .. import quantize_model
     q = copy.deepcopy(model)
     try:  # the pooler and classifier stay float: tiny, and the logits' precision matters most
         quantize_model(q, skip=("pooler", "classifier"))
+        if embeddings:
+            from ..int8_embedding import quantize_embeddings
+            quantize_embeddings(q)
     except Exception as e:  # an architecture the INT8 path cannot take
         return None, f"{type(e).__name__}: {e}"
     return q, None
@@ -129,7 +132,7 @@ def measure(a, plan, status, spec, train, dev, tokenizer) -> List[dict]:
                    size_fp32=size_on_disk(model),
                    metrics=_metrics(evaluate(model, dev_items_of(ck["tokenizer"]), spec,
                                              batch_size=128)))
-        q, why = int8_copy(model)
+        q, why = int8_copy(model, embeddings=bool(a.pretrained))
         row["size_int8"] = size_on_disk(q) if q is not None else None
         key = json.dumps(cfg.to_dict(), sort_keys=True)  # same architecture: time it once
         timed.setdefault(key, model)

@@ -96,7 +96,9 @@ def write_report(path: str, res: dict) -> None:
           "Accuracy and F1 are means over the seeds (std over seeds after ±); every other column "
           "is of one run of the group. Size = bytes of the saved state_dict (`torch.save`; TF-IDF: "
           "the pickled pipeline); INT8 = the same model after `quantize_model` (every Linear but "
-          "the pooler and classifier; the recurrent and convolution weights stay fp32). TF-IDF "
+          "the pooler and classifier; the recurrent and convolution weights stay fp32" +
+          ("; every embedding table in int8 with per-row scales, `quantize_embeddings`"
+           if pre else "") + "). TF-IDF "
           "latency is vectorize + predict of raw dev sentences (no token length). Train wall = "
           "seconds this study spent in the job, summed over its attempts.", ""]
     temps = [] if pre else [(t, g.get(tkd_group(t))) for t in cfg["temperatures"]]
