@@ -7,9 +7,9 @@ layers, hidden 384, 12 heads), in one run:
 
 Training tokens/s (forward, backward, AdamW; B=32, S=64, real tokens counted, dropout 0 for
 all three) and inference latency (batch 1 and 32, S=64, no padding), with each provider's ratio
-against plain HF (> 1: faster than HF). Providers are timed in interleaved rounds (each round
-times every provider once, in turn), and the table shows the median over rounds, so a load
-change on a shared machine hits all of them alike.
+against plain HF (> 1: faster than HF). Calls are interleaved (one timed call of each provider
+in turn, repeated) and the table shows each provider's median, so a load change on a shared
+machine hits all of them alike.
 
     python -m bench hf [--device cpu|cuda] [--quick]
 
@@ -20,12 +20,13 @@ checkpoint folder is missing.
 import copy
 import os
 import statistics
+import time
 
 import torch
 from torch import nn
 
 from bench import harness
-from bench.bench_train import make_batch, step_time
+from bench.bench_train import make_batch
 from tkd_core.measure import cpu_threads, param_count
 
 MINILM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
@@ -69,6 +70,48 @@ def load(device):
             "hf+patch": HFLogits(patched).to(device)}
 
 
+def train_step(model, batch, amp):
+    """One forward + backward + AdamW step of `model` on `batch`, as a closure."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids, mask, types, labels = batch
+
+    def step():
+        with torch.autocast(batch[0].device.type, dtype=amp, enabled=amp is not None):
+            logits = model(ids, mask, types)
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def infer_call(model, batch, amp):
+    ids, mask, types, _ = batch
+
+    @torch.inference_mode()
+    def call():
+        with torch.autocast(ids.device.type, dtype=amp, enabled=amp is not None):
+            return model(ids, mask, types)
+    return call
+
+
+def interleaved(fns, reps, device, warmup=2):
+    """{name: median seconds} of fns' calls, timed one call of each in turn, `reps` times."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main(device, quick=False):
     try:
         import transformers  # noqa: F401
@@ -83,7 +126,8 @@ def main(device, quick=False):
     if device.type == "cpu":
         os.environ["TRITON_INTERPRET"] = "0"  # our ops: the torch-reference CPU path
         torch.set_num_threads(cpu_threads(0))
-    rounds, steps, reps = (2, 2, 5) if quick else (3, 3, 10)
+    reps = {"train": 3 if quick else 8, "infer b=1": 10 if quick else 40,
+            "infer b=32": 3 if quick else 10}
     try:
         models = load(device)
         cfg = models["ours"].config
@@ -92,39 +136,32 @@ def main(device, quick=False):
         infer = {b: make_batch(cfg, b, S, device, seed=1) for b in (1, 32)}
         for b in infer.values():
             b[1].fill_(True)  # no padding
-        times = {}  # (mode, provider) -> per-round seconds
-        for _ in range(rounds):
-            for name, m in models.items():
-                times.setdefault(("train", name), []).append(
-                    step_time(m.train(), train_batch, device, amp, steps))
-                m.eval()
-                for bsz, (ids, mask, types, _) in infer.items():
-                    with torch.inference_mode(), torch.autocast(device.type, dtype=amp,
-                                                                enabled=amp is not None):
-                        ms = harness.time_ms(m, (ids, mask, types), device, reps)
-                    times.setdefault((f"infer b={bsz}", name), []).append(ms / 1e3)
+        medians = {"train": interleaved({n: train_step(m.train(), train_batch, amp)
+                                         for n, m in models.items()}, reps["train"], device)}
+        for bsz, batch in infer.items():
+            medians[f"infer b={bsz}"] = interleaved(
+                {n: infer_call(m.eval(), batch, amp) for n, m in models.items()},
+                reps[f"infer b={bsz}"], device)
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = old
     rows = []
-    for mode in ("train", "infer b=1", "infer b=32"):
-        hf_s = statistics.median(times[(mode, "hf")])
+    for mode, med in medians.items():
         for name, m in models.items():
-            s = statistics.median(times[(mode, name)])
             row = dict(op="hf", mode=mode, provider=name, params=param_count(m),
                        shape=f"MiniLM-L6 B={B_TRAIN if mode == 'train' else mode[8:]} S={S}",
-                       dtype="bf16 autocast" if amp else "fp32", ms=s * 1e3,
-                       ratio_vs_hf=hf_s / s, rounds=len(times[(mode, name)]))
+                       dtype="bf16 autocast" if amp else "fp32", ms=med[name] * 1e3,
+                       ratio_vs_hf=med["hf"] / med[name], reps=reps[mode])
             if mode == "train":
-                row["tokens_per_s"] = tokens / s
+                row["tokens_per_s"] = tokens / med[name]
             rows.append(row)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     harness.print_table(f"hf: MiniLM-L6 ours vs transformers ({harness.device_name(device)}"
-                        f"{threads}, median of {rounds} interleaved rounds)", rows,
+                        f"{threads}, medians of interleaved calls)", rows,
                         ["mode", "shape", "dtype", "provider", "params", "ms", "tokens_per_s",
-                         "ratio_vs_hf"])
+                         "ratio_vs_hf", "reps"])
     print("ratio_vs_hf = HF's time / this provider's time (> 1: faster than plain HF); "
           "train = forward + backward + AdamW, dropout 0")
     path = harness._write_csv("hf", rows, device)
