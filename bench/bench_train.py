@@ -17,7 +17,7 @@ from torch import nn
 
 from bench import harness
 from tkd_core.measure import cpu_threads, param_count
-from tkd_core.model import ModelConfig, build_model
+from tkd_core.models import ModelConfig, build_model
 
 
 class TorchBert(nn.Module):

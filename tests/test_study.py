@@ -78,6 +78,12 @@ def test_every_job_is_a_valid_trainer_command_line():
     (["--temperatures", "2", "4"], "temperatures"),
     (["--jobs", "-1"], "jobs"),
     (["--latency-reps", "0"], "latency-reps"),
+    (["--student-epochs", "-1"], "student-epochs must be positive"),
+    (["--teacher-lr", "nan"], "teacher-lr must be positive"),
+    (["--alpha", "2"], "alpha must be in"),
+    (["--temperatures", "1", "-2"], "temperatures must be positive"),
+    (["--augment", "-1"], "augment must be >= 0"),
+    (["--pretrained", "/nonexistent"], "not a Hugging Face model folder"),
     (["--task", "nope"], "unknown task"),
 ])
 def test_bad_arguments(argv, match):

@@ -12,7 +12,7 @@ import torch
 
 from conftest import SST2_DIR
 from tkd_core import checkpoint, data, distill, train, warmstart
-from tkd_core.model import ModelConfig, build_model
+from tkd_core.models import ModelConfig, build_model
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "glue")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

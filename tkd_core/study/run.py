@@ -109,9 +109,23 @@ def parse_args(argv=None):
     if args.jobs < 0:
         raise ValueError(f"--jobs must be >= 0, got {args.jobs}")
     args.batch_size = args.batch_size or (32 if args.pretrained else 64)
-    for name in ("threads", "latency_reps", "latency_rounds", "batch_size", "max_len"):
+    for name in ("threads", "latency_reps", "latency_rounds", "batch_size", "max_len",
+                 "vocab_size", "save_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    import math
+    for name in ("teacher_epochs", "student_epochs", "baseline_epochs", "teacher_lr",
+                 "student_lr"):
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    for name in ("max_train_examples", "max_dev_examples", "estimate", "augment"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.alpha <= 1:
+        raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if any(not (math.isfinite(t) and t > 0) for t in args.temperatures):
+        raise ValueError(f"--temperatures must be positive, got {args.temperatures}")
     if not 1 <= args.baseline_seeds <= len(args.seeds):
         raise ValueError(f"--baseline-seeds must be in [1, {len(args.seeds)}] (the number of "
                          f"--seeds), got {args.baseline_seeds}")
@@ -122,8 +136,6 @@ def parse_args(argv=None):
         if not is_hf_folder(args.pretrained):
             raise ValueError(f"--pretrained {args.pretrained}: not a Hugging Face model folder "
                              "(config.json and weights)")
-        if args.augment < 0:
-            raise ValueError(f"--augment must be >= 0, got {args.augment}")
     pre = bool(args.pretrained)
     args.student_epochs = args.student_epochs or (1 if pre else 3)
     args.teacher_lr = args.teacher_lr or (1e-4 if pre else 5e-4)
