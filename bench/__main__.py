@@ -1,4 +1,5 @@
-"""python -m bench [op ...] [--device cuda|cpu] [--quick]"""
+"""python -m bench [op ...] [--device cuda|cpu] [--quick]     every op against its peers
+python -m bench gpu [--quick] [--dry-run] [...]             the GPU check (bench/gpu.py)"""
 import argparse
 import importlib
 import os
@@ -9,6 +10,10 @@ ALIASES = {"layernorm": "layer_norm"}  # the op's name before kernels/layer_norm
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gpu"]:  # the GPU check command: its own flags (python -m bench gpu -h)
+        from bench import gpu
+        return gpu.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("ops", nargs="*", help=f"ops to bench, among {OPS} (default: all)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

@@ -16,18 +16,18 @@ from bench.harness import Case, Provider
 import tkd_core
 
 
-def _ours_fwd(x, w, b, r, dy, dh):
+def ours_fwd(x, w, b, r, dy, dh):
     return tkd_core.ops.layer_norm(x, w, b, residual=r)
 
 
-def _torch_fwd(x, w, b, r, dy, dh):
+def torch_fwd(x, w, b, r, dy, dh):
     if r is None:
         return F.layer_norm(x, x.shape[-1:], w, b)
     h = x + r
     return F.layer_norm(h, h.shape[-1:], w, b), h
 
 
-def _fwd_bwd(fwd):
+def fwd_bwd(fwd):
     """fwd + backward with grad_outputs dy (and dh for x + residual): (y, [h,] dx, dw, db)."""
     def fn(x, w, b, r, dy, dh):
         out = fwd(x, w, b, r, dy, dh)
@@ -42,7 +42,7 @@ def _reference64(mode):
     def ref(x, w, b, r, dy, dh):
         leaves = [t.detach().double().requires_grad_() if t is not None else None
                   for t in (x, w, b, r)]
-        out = _torch_fwd(*leaves, None, None)
+        out = torch_fwd(*leaves, None, None)
         if mode == "fwd":
             return out
         outs, grads = ((out,), (dy.double(),)) if r is None else (out, (dy.double(), dh.double()))
@@ -51,7 +51,7 @@ def _reference64(mode):
     return ref
 
 
-def _make_inputs(M, N, dtype, device, residual, grad):
+def make_inputs(M, N, dtype, device, residual, grad):
     def make():
         def t(*shape):
             return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
@@ -63,7 +63,7 @@ def _make_inputs(M, N, dtype, device, residual, grad):
     return make
 
 
-def _nbytes(M, N, dtype, residual, mode):
+def nbytes(M, N, dtype, residual, mode):
     e = torch.tensor([], dtype=dtype).element_size()
     acts = 2 + 2 * residual  # fwd: read x (+ r), write y (+ h)
     params = 2  # read w, b
@@ -85,16 +85,16 @@ def cases(device, quick=False):
         for residual in (False, True):
             for N in sizes:
                 grad = mode == "fwd+bwd"
-                ours = _ours_fwd if mode == "fwd" else _fwd_bwd(_ours_fwd)
-                peer = _torch_fwd if mode == "fwd" else _fwd_bwd(_torch_fwd)
+                ours = ours_fwd if mode == "fwd" else fwd_bwd(ours_fwd)
+                peer = torch_fwd if mode == "fwd" else fwd_bwd(torch_fwd)
                 out.append(Case(
                     op="layer_norm", shape=f"M={M} N={N}" + (" +residual" if residual else ""),
                     dtype=dtype, mode=mode,
-                    make_inputs=_make_inputs(M, N, dtype, device, residual, grad),
+                    make_inputs=make_inputs(M, N, dtype, device, residual, grad),
                     providers={"ours": Provider(ours, time_on_cpu=False),
                                "torch": Provider(peer)},
                     reference64=_reference64(mode),
-                    nbytes=_nbytes(M, N, dtype, residual, mode)))
+                    nbytes=nbytes(M, N, dtype, residual, mode)))
     return out
 
 
