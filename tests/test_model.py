@@ -179,15 +179,20 @@ def test_state_dict_keys_are_clean_and_round_trip():
 
 @torch.no_grad()
 def test_int8_student():
-    model = M.build_model(tiny()).eval()
+    """Every encoder Linear becomes INT8 (width 256: each has >= 65,536 weights, where
+    quantize_model's size rule lets INT8 pay); pooler and classifier stay float."""
+    cfg = tiny(hidden_size=256, num_heads=4, ffn_size=512)
+    model = M.build_model(cfg).eval()
     ids, mask, types = batch()
     ref = model(ids, mask, types)
     q, report = M.quantize(model)
     out = q(ids, mask, types)
     assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert sum(isinstance(m, tkd_core.nn.Int8Linear) for m in q.modules()) == 4 * cfg.num_layers
+    assert not isinstance(q.classifier, tkd_core.nn.Int8Linear)
     # INT8 weights: logits stay close to the float model's
     assert (out - ref).abs().max() <= 0.1 * ref.abs().max() + 1e-2
-    assert size_bytes(q) < size_bytes(M.build_model(tiny()))
+    assert size_bytes(q) < size_bytes(M.build_model(cfg))
 
 
 # ------------------------------------------------------------- per-layer outputs (ModelOutput)
