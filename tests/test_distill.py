@@ -276,3 +276,20 @@ def test_layerwise_flags_need_a_teacher(tmp_path, capsys):
     assert train.main(["--mode", "student", "--hidden-loss", "mse", "--out",
                        str(tmp_path / "x")]) == 1
     assert "need a teacher" in capsys.readouterr().err
+
+
+def test_augment_with_roberta_special_tokens():
+    """A byte-level BPE tokenizer with RoBERTa's <s> </s> <mask>: the same transfer set."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    ex = data.load_split("synthetic", "train")[:200]
+    t.train_from_iterator([e.text_a for e in ex], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, show_progress=False))
+    t.post_processor = processors.RobertaProcessing(("</s>", t.token_to_id("</s>")),
+                                                    ("<s>", t.token_to_id("<s>")))
+    a = augment.augment(t, ex[:30], 2, seed=0, p_mask=0.5, p_ngram=0)
+    s, e, m = (t.token_to_id(x) for x in ("<s>", "</s>", "<mask>"))
+    assert all(ids[0] == s and ids[-1] == e for ids, _, _ in a)
+    assert sum(ids.count(m) for ids, _, _ in a) > 0

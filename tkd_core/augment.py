@@ -22,9 +22,7 @@ def augment(tok, examples: Sequence[Example], n: int, seed: int, max_len: int = 
     becomes another word of the task's training text (drawn by frequency); then with p_ngram the
     sentence is cut to a random n-gram of its words, n uniform in 1..5. [CLS] and [SEP] are never
     touched. Deterministic: each copy's random stream is seeded by (seed, example, copy)."""
-    mask_id, cls_id, sep_id = (tok.token_to_id(t) for t in (MASK, CLS, SEP))
-    if mask_id is None:
-        raise ValueError(f"the tokenizer has no {MASK} token: --augment needs one")
+    mask_id, cls_id, sep_id = (_special_id(tok, names) for names in _SPECIAL)
     tok.no_truncation()
     tok.no_padding()
     pairs = examples and examples[0].text_b is not None
@@ -55,6 +53,18 @@ def augment(tok, examples: Sequence[Example], n: int, seed: int, max_len: int = 
                 ids, types = ids[:max_len - 1] + [sep_id], types[:max_len]
             out.append((ids, types, label))
     return out
+
+
+# (mask, cls, sep) under their BERT and RoBERTa names
+_SPECIAL = ((MASK, "<mask>"), (CLS, "<s>"), (SEP, "</s>"))
+
+
+def _special_id(tok, names) -> int:
+    for name in names:
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    raise ValueError(f"the tokenizer has none of the special tokens {names}: --augment needs it")
 
 
 def _words(enc) -> List[List[List[int]]]:

@@ -47,7 +47,7 @@ def load_checkpoint(path: str) -> dict:
 def load_model(path: str, device=None):
     """(model in eval mode without grads, checkpoint dict) from a tkd checkpoint.pt, or from a
     run directory holding one."""
-    from .model import ModelConfig, build_model
+    from .models import ModelConfig, build_model
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     ck = load_checkpoint(path)
