@@ -16,20 +16,41 @@ template <typename T>
 static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "tkd INT8 GEMM extension: exact AVX2/scalar CPU kernels, tensor-core CUDA kernel";
+  m.doc() = "tkd INT8 GEMM extension: exact AVX-512 VNNI/AVX2/scalar CPU kernels, tensor-core CUDA kernel";
 #ifdef TKD_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;
 #endif
-  m.def("cpu_isa", &tkd::cpu_isa, "ISA of the CPU path chosen at run time: 'avx2' or 'scalar'");
+  m.def("cpu_isa", &tkd::cpu_isa,
+        "ISA of the CPU path in use: 'avx512vnni', 'avx2' or 'scalar'");
+  m.def("cpu_isa_code", &tkd::cpu_isa_code, "the same as a code: 2, 1 or 0");
   m.def("set_cpu_isa", &tkd::set_cpu_isa, py::arg("isa"),
-        "'scalar' forces the portable path (for tests), 'auto' restores detection");
-  m.def("packed_b_numel", &tkd::packed_b_numel, py::arg("N"), py::arg("K"));
+        "'scalar' / 'avx2' force a path (for tests), 'auto' restores detection");
+  m.def("packed_b_bytes", &tkd::packed_b_bytes, py::arg("N"), py::arg("K"), py::arg("isa"));
+  m.def("gemm_threads", &tkd::gemm_threads, py::arg("M"), py::arg("N"), py::arg("K"),
+        py::arg("nthreads"));
   m.def("pack_b", [](uintptr_t b, int64_t N, int64_t K, int64_t sn, int64_t sk, uintptr_t out,
-                     int64_t nthreads) {
+                     int isa, int64_t nthreads) {
     py::gil_scoped_release nogil;
-    tkd::pack_b(ptr<const int8_t>(b), N, K, sn, sk, ptr<int16_t>(out), nthreads);
+    tkd::pack_b(ptr<const int8_t>(b), N, K, sn, sk, ptr<void>(out), isa, nthreads);
+  });
+  py::class_<tkd::LinearPlan>(m, "LinearPlan")
+      .def(py::init([](uintptr_t bp, int isa, int64_t N, int64_t K, uintptr_t w_scale,
+                       uintptr_t bias, int act) {
+             return tkd::LinearPlan{ptr<const void>(bp), isa, N, K, ptr<const float>(w_scale),
+                                    ptr<const float>(bias), act};
+           }),
+           py::arg("packed"), py::arg("isa"), py::arg("N"), py::arg("K"), py::arg("w_scale"),
+           py::arg("bias"), py::arg("act"))
+      .def("__call__", [](const tkd::LinearPlan& p, uintptr_t x, int dtype, int64_t sm,
+                          int64_t M, uintptr_t out, int64_t nthreads) {
+        py::gil_scoped_release nogil;
+        tkd::linear_plan_run(p, ptr<const void>(x), dtype, sm, M, ptr<float>(out), p.N,
+                             nthreads);
+      });
+  m.def("activation", [](uintptr_t v, int64_t n, int act, int isa) {
+    tkd::activation(ptr<float>(v), n, act, isa);
   });
   m.def("quantize_rows", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t sm,
                             uintptr_t q, uintptr_t scale, int64_t nthreads) {
@@ -37,21 +58,22 @@ PYBIND11_MODULE(_C, m) {
     tkd::quantize_rows(ptr<const void>(x), dtype, M, K, sm, ptr<int8_t>(q), ptr<float>(scale),
                        nthreads);
   });
-  m.def("gemm_int8", [](uintptr_t a, int64_t sm, int64_t sk, uintptr_t bp, int64_t M, int64_t N,
-                        int64_t K, uintptr_t out, int64_t ldc, uintptr_t a_scale,
-                        uintptr_t b_scale, uintptr_t bias, int64_t nthreads) {
+  m.def("gemm_int8", [](uintptr_t a, int64_t sm, int64_t sk, uintptr_t bp, int isa, int64_t M,
+                        int64_t N, int64_t K, uintptr_t out, int64_t ldc, uintptr_t a_scale,
+                        uintptr_t b_scale, uintptr_t bias, int act, int64_t nthreads) {
     py::gil_scoped_release nogil;
-    tkd::gemm_int8(ptr<const int8_t>(a), sm, sk, ptr<const int16_t>(bp), M, N, K,
+    tkd::gemm_int8(ptr<const int8_t>(a), sm, sk, ptr<const void>(bp), isa, M, N, K,
                    ptr<void>(out), ldc, ptr<const float>(a_scale), ptr<const float>(b_scale),
-                   ptr<const float>(bias), nthreads);
+                   ptr<const float>(bias), act, nthreads);
   });
-  m.def("linear_dynamic", [](uintptr_t x, int dtype, int64_t sm, uintptr_t bp, int64_t M,
-                             int64_t N, int64_t K, uintptr_t out, int64_t ldc, uintptr_t x_scale,
-                             uintptr_t w_scale, uintptr_t bias, int64_t nthreads) {
+  m.def("linear_dynamic", [](uintptr_t x, int dtype, int64_t sm, uintptr_t bp, int isa,
+                             int64_t M, int64_t N, int64_t K, uintptr_t out, int64_t ldc,
+                             uintptr_t x_scale, uintptr_t w_scale, uintptr_t bias, int act,
+                             int64_t nthreads) {
     py::gil_scoped_release nogil;
-    tkd::linear_dynamic(ptr<const void>(x), dtype, sm, ptr<const int16_t>(bp), M, N, K,
+    tkd::linear_dynamic(ptr<const void>(x), dtype, sm, ptr<const void>(bp), isa, M, N, K,
                         ptr<float>(out), ldc, ptr<float>(x_scale), ptr<const float>(w_scale),
-                        ptr<const float>(bias), nthreads);
+                        ptr<const float>(bias), act, nthreads);
   });
 #ifdef TKD_WITH_CUDA
   m.def("gemm_cuda", [](uintptr_t a, uintptr_t b, int64_t M, int64_t N, int64_t K, int64_t lda,

@@ -1,29 +1,34 @@
 // Exact INT8 GEMM on the CPU: C (M, N) = A (M, K) @ B (N, K)^T, int8 in, int32 accumulate,
-// with a fused per-token x per-channel scale + bias epilogue (float32 out), and the fused per-token
-// activation quantizer that feeds it. Design notes, the Zen 3 cost analysis and the measurements
-// behind the choices below: docs/int8_gemm_cpu.md.
+// with a fused per-token x per-channel scale + bias (+ activation) epilogue (float32 out), and the
+// fused per-token activation quantizer that feeds it. Design notes, the cost analysis and the
+// measurements behind the choices below: docs/int8_gemm_cpu.md.
 //
-// Exactness: operands are WIDENED to int16 and multiplied with vpmaddwd (s16 x s16 -> s32 pair
-// sums), never the saturating vpmaddubsw; the int32 accumulator is exact for K < 131072.
+// Three kernels share this driver, chosen at run time (`cpu_isa()`), each with its own packed
+// layout (a packed weight records the ISA it was packed for):
+//   avx512vnni  vpdpbusd on u8 (a + 128) x s8 quads, 6 x 64 tiles, a per-column correction in
+//               the epilogue (int8_gemm_avx512.cpp). 4 MACs per lane per instruction.
+//   avx2        operands WIDENED to int16 and multiplied with vpmaddwd (s16 x s16 -> s32 pair
+//               sums), never the saturating vpmaddubsw; 6 x 16 tiles.
+//   scalar      portable C++ on the avx2 layout (aarch64 included).
+// Every kernel is exact: the int32 accumulator holds C exactly for K <= 131071.
 //
-// Layouts (int16 elements, K padded to an even Kp with zeros):
-//   packed B: panels of NR = 16 columns; panel j holds, for each k pair kp, 16 columns x 2 k:
-//             Bp[j][kp][c][2], size ceil(N / 16) * 16 * Kp. Padded columns are zero.
-//   packed A: panels of MR = 6 rows; panel i holds, for each k pair, its rows x 2 k:
-//             Ap[i][kp][r][2], panel i at offset i * 6 * Kp (only the last panel can be short).
-// Micro-kernel: MR x NR = 6 x 16 int32 accumulators in 12 ymm registers; per k pair it loads two
-// B vectors, broadcasts one int32 (two int16 of A) per row and issues 12 vpmaddwd + 12 vpaddd.
-// Blocking and threads: with enough rows, each thread takes whole row blocks (mc rows, ~160 KiB of
-// packed A, L2-resident), packs or quantizes them itself into a private buffer (no barrier, no
-// (M, K) int16 copy of A) and runs them against every 16-column B panel (Kp * 32 bytes, L1/L2),
-// which is reused by mc / 6 micro-kernels. With few rows (M < threads * mc), or on one thread
-// while all of packed A is <= 8 MiB, A is prepared once and the B panels are split over threads
-// (each panel then sweeps all of A). The whole K is reduced in registers (no kc blocking: the
-// micro-kernel is issue-bound), so the epilogue runs on registers: no int32 (M, N) tensor is
-// written when a float output is asked for.
+// Layouts (K padded with zeros to Kp, a multiple of the k group G: 2 int16 / 4 bytes):
+//   packed B: panels of NR columns; panel j holds, per k group, NR columns x G k:
+//             Bp[j][kg][c][G]; padded columns are zero. VNNI: then comp[n] = 128 sum_k b[n, k].
+//   packed A: panels of MR = 6 rows; per k group, its rows x G k: Ap[i][kg][r][G], panel i at
+//             offset i * 6 * Kp elements (only the last panel can be short).
+// Blocking and threads: with enough rows, each thread takes whole row blocks (mc rows, ~160 KiB
+// of packed A, L2-resident), packs or quantizes them itself into a private buffer (no barrier, no
+// (M, K) copy of A) and runs them against every B panel, which is reused by mc / 6
+// micro-kernels. With few rows (M < threads * mc), or on one thread while all of packed A is
+// <= 8 MiB, A is prepared once and the B panels are split over threads. The whole K is reduced in
+// registers (no kc blocking), so the epilogue runs on registers: no int32 (M, N) tensor is
+// written when a float output is asked for. Small problems run on fewer threads
+// (`gemm_threads`): a parallel region costs more than it saves below ~1 M MACs per thread.
+// Workspaces (packed A, row buffers) are per thread and kept between calls.
 //
-// ISA: the AVX2 functions carry __attribute__((target("avx2,fma,f16c"))) and are chosen at run
-// time with __builtin_cpu_supports("avx2"); the scalar path is portable C++ (aarch64 included).
+// ISA: the AVX2 functions carry __attribute__((target("avx2,fma,f16c"))), the AVX-512 ones live
+// in int8_gemm_avx512.cpp; both are chosen at run time with __builtin_cpu_supports.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -45,23 +50,37 @@
 #endif
 
 #include "int8_gemm_cpu.h"
+#include "int8_gemm_cpu_kernels.h"
 
 namespace tkd {
 
 namespace {
 
-constexpr int64_t MR = 6;   // rows per micro-kernel (A panel height)
-constexpr int64_t NR = 16;  // columns per micro-kernel (B panel width): two ymm of int32
+using cpu::Epilogue;
+
+enum Isa : int { kScalar = 0, kAvx2 = 1, kVnni = 2 };
+
+constexpr int64_t MR = 6;  // rows per micro-kernel (A panel height), every ISA
+
+struct Layout {
+  int64_t nr;     // columns per micro-kernel (B panel width)
+  int64_t group;  // k elements per group (2: int16 pairs, 4: byte quads)
+  int64_t esize;  // bytes per packed element
+};
+
+Layout layout(int isa) {
+  return isa == kVnni ? Layout{cpu::kVnniNR, 4, 1} : Layout{16, 2, 2};
+}
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-inline int64_t even(int64_t k) { return round_up(k, 2); }
 
 // ---------------------------------------------------------------------------------------------
 // Packing B (portable; memory-bound, once per weight)
 
-void pack_b_panel(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, int64_t j,
-                  int16_t* out) {
-  const int64_t Kp = even(K);
+void pack_b_panel_i16(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, int64_t j,
+                      int16_t* out) {
+  constexpr int64_t NR = 16;
+  const int64_t Kp = round_up(K, 2);
   int16_t* dst = out + j * NR * Kp;  // (Kp / 2, 16, 2)
   for (int64_t kp = 0; kp < Kp / 2; ++kp) {
     for (int64_t c = 0; c < NR; ++c) {
@@ -74,17 +93,26 @@ void pack_b_panel(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk,
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Epilogue: a finished MR' x NR tile of int32 accumulators -> out (int32, or fp32 scaled)
+// VNNI panel j: (Kp / 4, 64, 4) bytes, and comp for its 64 columns.
+void pack_b_panel_vnni(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, int64_t j,
+                       int8_t* out, int32_t* comp) {
+  constexpr int64_t NR = cpu::kVnniNR;
+  const int64_t Kp = round_up(K, 4);
+  int8_t* dst = out + j * NR * Kp;
+  for (int64_t c = 0; c < NR; ++c) {
+    const int64_t n = j * NR + c;
+    uint32_t sum = 0;  // unsigned: 128 * sum wraps like the kernel's lanes (no UB)
+    for (int64_t k = 0; k < Kp; ++k) {
+      const int8_t v = (n < N && k < K) ? b[n * sn + k * sk] : 0;
+      dst[((k / 4) * NR + c) * 4 + k % 4] = v;
+      sum += static_cast<uint32_t>(static_cast<int32_t>(v));
+    }
+    comp[n] = static_cast<int32_t>(sum * 128u);
+  }
+}
 
-struct Epilogue {
-  void* out;               // (M, N) int32 or float32, row stride ldc
-  int64_t ldc;
-  bool scaled;             // false: exact int32; true: float32 acc * as[m] * bs[n] + bias[n]
-  const float* a_scale;    // (M,)
-  const float* b_scale;    // (N,)
-  const float* bias;       // (N,) or nullptr
-};
+// ---------------------------------------------------------------------------------------------
+// Epilogue of the int16 kernels: a finished MR' x 16 tile of int32 accumulators -> out
 
 inline void store_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t m, int64_t n0,
                              int64_t nn) {
@@ -97,16 +125,18 @@ inline void store_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t m, 
   const float as = ep.a_scale[m];
   for (int64_t c = 0; c < nn; ++c) {
     float v = static_cast<float>(acc[c]) * (as * ep.b_scale[n0 + c]);
-    o[c] = ep.bias ? v + ep.bias[n0 + c] : v;
+    v = ep.bias ? v + ep.bias[n0 + c] : v;
+    o[c] = ep.act ? cpu::act_scalar(v, ep.act) : v;
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Scalar micro-kernel (portable fallback; same packed layouts, same exact int32 arithmetic)
+// Scalar micro-kernel (portable fallback; the avx2 layout, the same exact int32 arithmetic)
 
 template <int R>
 void micro_scalar(const int16_t* Ap, const int16_t* Bp, int64_t Kp, const Epilogue& ep,
                   int64_t m0, int64_t n0, int64_t nn) {
+  constexpr int64_t NR = 16;
   int32_t acc[R][NR] = {};
   for (int64_t kp = 0; kp < Kp / 2; ++kp) {
     const int16_t* bk = Bp + kp * NR * 2;
@@ -127,8 +157,8 @@ void micro_scalar(const int16_t* Ap, const int16_t* Bp, int64_t Kp, const Epilog
 
 TKD_AVX2 inline void store_row_avx2(const Epilogue& ep, __m256i c0, __m256i c1, int64_t m,
                                     int64_t n0, int64_t nn) {
-  if (nn < NR) {  // right edge: spill the row to the stack and store the valid columns
-    alignas(32) int32_t tmp[NR];
+  if (nn < 16 || ep.act) {  // right edge or an activation: spill the row, scalar epilogue
+    alignas(32) int32_t tmp[16];
     _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), c0);
     _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 8), c1);
     store_row_scalar(ep, tmp, m, n0, nn);
@@ -179,10 +209,7 @@ TKD_AVX2 void micro_avx2(const int16_t* Ap, const int16_t* Bp, int64_t Kp, const
 }
 #endif  // TKD_X86
 
-using MicroFn = void (*)(const int16_t*, const int16_t*, int64_t, const Epilogue&, int64_t,
-                         int64_t, int64_t);
-
-int g_isa_override = -1;  // -1: auto-detect, 0: force scalar, 1: AVX2 if supported (tests)
+int g_isa_override = -1;  // -1: best detected; else the ISA forced by set_cpu_isa (tests)
 
 bool cpu_has_avx2() {
 #if TKD_X86 && (defined(__GNUC__) || defined(__clang__))
@@ -193,20 +220,32 @@ bool cpu_has_avx2() {
 #endif
 }
 
-bool have_avx2() { return g_isa_override == 0 ? false : cpu_has_avx2(); }
+int best_isa() { return cpu::vnni_supported() ? kVnni : cpu_has_avx2() ? kAvx2 : kScalar; }
 
-MicroFn micro_for(int64_t rows, bool avx2) {
-#if TKD_X86
-  if (avx2) {
-    static const MicroFn t[] = {nullptr, micro_avx2<1>, micro_avx2<2>, micro_avx2<3>,
-                                micro_avx2<4>, micro_avx2<5>, micro_avx2<6>};
-    return t[rows];
+int current_isa() { return g_isa_override >= 0 ? g_isa_override : best_isa(); }
+
+// One micro-kernel call: rows x NR tile of C at (m0, n0) from an A panel and a B panel.
+void micro(int isa, int64_t rows, const void* Ap, const void* Bp, int64_t Kp, const Epilogue& ep,
+           int64_t m0, int64_t n0, int64_t nn) {
+  if (isa == kVnni) {
+    cpu::micro_vnni(rows, static_cast<const uint8_t*>(Ap), static_cast<const int8_t*>(Bp), Kp / 4,
+                    ep, m0, n0, nn);
+    return;
   }
+  using Fn = void (*)(const int16_t*, const int16_t*, int64_t, const Epilogue&, int64_t, int64_t,
+                      int64_t);
+#if TKD_X86
+  static const Fn avx2[] = {nullptr, micro_avx2<1>, micro_avx2<2>, micro_avx2<3>, micro_avx2<4>,
+                            micro_avx2<5>, micro_avx2<6>};
 #endif
-  (void)avx2;
-  static const MicroFn t[] = {nullptr, micro_scalar<1>, micro_scalar<2>, micro_scalar<3>,
+  static const Fn scalar[] = {nullptr, micro_scalar<1>, micro_scalar<2>, micro_scalar<3>,
                               micro_scalar<4>, micro_scalar<5>, micro_scalar<6>};
-  return t[rows];
+#if TKD_X86
+  const Fn* t = isa == kAvx2 ? avx2 : scalar;
+#else
+  const Fn* t = scalar;
+#endif
+  t[rows](static_cast<const int16_t*>(Ap), static_cast<const int16_t*>(Bp), Kp, ep, m0, n0, nn);
 }
 
 int clamp_threads(int64_t nthreads) {
@@ -348,46 +387,67 @@ struct ASource {
   float* scale_out; // kind 1: the per-token scales, written here, then read by the epilogue
 };
 
-struct Scratch {  // per-thread buffers
-  std::vector<int16_t> a;  // packed A row block
+// Per-thread workspaces, kept between calls (grown, never shrunk): a call allocates nothing once
+// the shapes have been seen.
+struct Scratch {
+  std::vector<uint8_t> a;  // packed A: a row block (row split) or all of A (few rows)
   std::vector<float> f;    // one row as float32 (fp16 / bf16 input)
-  std::vector<int8_t> q;   // one quantized row
-  std::vector<int16_t> w;  // one row widened to int16, zero-padded to Kp
-  Scratch(const ASource& src, int64_t K, int64_t a_numel)
-      : a(static_cast<size_t>(a_numel)), f(src.kind == 1 && src.dtype != 0 ? K : 0),
-        q(src.kind == 1 ? K : 0), w(static_cast<size_t>(even(K))) {}
+  std::vector<int8_t> q;   // one int8 row, zero-padded to Kp
+  std::vector<int16_t> w;  // one row widened to int16 (int16 layouts)
 };
 
-// Widen (kind 0) or quantize (kind 1) rows [r0, r1) of A into panels at dst (r0 % MR == 0).
-// Per row: widen into a contiguous int16 row (a sign-extending loop the compiler vectorizes),
-// then move its k pairs, one 32-bit word each, to their interleaved panel slots (kp * mr + r),
-// which keeps per-element index arithmetic out of the loop.
-void prepare_rows(const ASource& src, int64_t M, int64_t K, int64_t r0, int64_t r1,
-                  int16_t* dst, Scratch& sc, bool avx2) {
-  const int64_t Kp = even(K);
-  int16_t* w = sc.w.data();
-  if (Kp > K) w[K] = 0;
+Scratch& scratch(int64_t K, int64_t Kp) {
+  static thread_local Scratch s;
+  if (static_cast<int64_t>(s.f.size()) < K) s.f.resize(static_cast<size_t>(K));
+  if (static_cast<int64_t>(s.q.size()) < Kp) s.q.resize(static_cast<size_t>(Kp));
+  if (static_cast<int64_t>(s.w.size()) < Kp) s.w.resize(static_cast<size_t>(Kp));
+  return s;
+}
+
+uint8_t* grow(std::vector<uint8_t>& v, int64_t bytes) {
+  if (static_cast<int64_t>(v.size()) < bytes) v.resize(static_cast<size_t>(bytes));
+  return v.data();
+}
+
+// Rows [r0, r1) of A -> packed panels at dst (r0 % MR == 0). Per row: one int8 row in sc.q (copied
+// or quantized from x, zero-padded to Kp), then its k groups, one 32-bit word each, go to their
+// interleaved panel slots (kg * mr + r): int16 layouts widen the row first (a sign-extending loop
+// the compiler vectorizes), the VNNI layout flips each byte's sign bit (a + 128 as u8).
+void prepare_rows(const ASource& src, int isa, int64_t M, int64_t K, int64_t r0, int64_t r1,
+                  uint8_t* dst, Scratch& sc) {
+  const Layout L = layout(isa);
+  const int64_t Kp = round_up(K, L.group);
+  const bool avx2 = isa != kScalar && cpu_has_avx2();
+  int8_t* q = sc.q.data();
+  std::memset(q + K, 0, static_cast<size_t>(Kp - K));
   for (int64_t p = r0; p < r1; p += MR) {
     const int64_t mr = std::min(MR, M - p);
-    int16_t* panel = dst + (p - r0) * Kp;  // (Kp / 2, mr, 2)
+    uint32_t* panel = reinterpret_cast<uint32_t*>(dst + (p - r0) * Kp * L.esize);
     for (int64_t r = 0; r < mr; ++r) {
       const int64_t m = p + r;
       if (src.kind == 0) {
         const int8_t* row = static_cast<const int8_t*>(src.ptr) + m * src.sm;
         if (src.sk == 1) {
-          for (int64_t k = 0; k < K; ++k) w[k] = row[k];
+          std::memcpy(q, row, static_cast<size_t>(K));
         } else {
-          for (int64_t k = 0; k < K; ++k) w[k] = row[k * src.sk];
+          for (int64_t k = 0; k < K; ++k) q[k] = row[k * src.sk];
         }
       } else {
-        src.scale_out[m] = quantize_row(src.ptr, src.dtype, src.sm, m, K, sc.f.data(),
-                                        sc.q.data(), avx2);
-        const int8_t* q = sc.q.data();
-        for (int64_t k = 0; k < K; ++k) w[k] = q[k];
+        src.scale_out[m] = quantize_row(src.ptr, src.dtype, src.sm, m, K, sc.f.data(), q, avx2);
       }
-      int16_t* col = panel + 2 * r;
-      for (int64_t kp = 0; kp < Kp / 2; ++kp)
-        std::memcpy(col + kp * mr * 2, w + 2 * kp, 4);  // one int32: (a[m, 2kp], a[m, 2kp+1])
+      const int64_t words = Kp / L.group;
+      if (isa == kVnni) {
+        for (int64_t kq = 0; kq < words; ++kq) {
+          uint32_t v;
+          std::memcpy(&v, q + 4 * kq, 4);
+          panel[kq * mr + r] = v ^ 0x80808080u;  // a + 128: vpdpbusd's unsigned operand
+        }
+      } else {
+        int16_t* w = sc.w.data();
+        for (int64_t k = 0; k < Kp; ++k) w[k] = q[k];
+        for (int64_t kp = 0; kp < words; ++kp)
+          std::memcpy(panel + kp * mr + r, w + 2 * kp, 4);  // (a[m, 2kp], a[m, 2kp+1])
+      }
     }
   }
 }
@@ -409,20 +469,21 @@ void advise_huge_pages(void* p, int64_t bytes) {
 }
 
 // Rows of the A block keep an L2 budget; B panels are reused by every row panel of a block.
-int64_t block_rows(int64_t Kp) {
-  const int64_t rows = (160 * 1024) / std::max<int64_t>(2 * Kp, 1) / MR * MR;
+int64_t block_rows(int64_t row_bytes) {
+  const int64_t rows = (160 * 1024) / std::max<int64_t>(row_bytes, 1) / MR * MR;
   return std::max(MR, std::min<int64_t>(rows, 16 * MR));
 }
 
 // C rows [r0, r1) x columns [c0, c1) (c0 % NR == 0) from the packed A block at Ab (row r0 first).
-void compute_block(const int16_t* Ab, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
-                   const int16_t* Bp, int64_t Kp, const Epilogue& ep, bool avx2) {
-  for (int64_t n0 = c0; n0 < c1; n0 += NR) {
-    const int16_t* bp = Bp + (n0 / NR) * NR * Kp;
-    const int64_t nn = std::min(NR, c1 - n0);
+void compute_block(int isa, const uint8_t* Ab, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                   const uint8_t* Bp, int64_t Kp, const Epilogue& ep) {
+  const Layout L = layout(isa);
+  for (int64_t n0 = c0; n0 < c1; n0 += L.nr) {
+    const uint8_t* bp = Bp + (n0 / L.nr) * L.nr * Kp * L.esize;
+    const int64_t nn = std::min(L.nr, c1 - n0);
     for (int64_t m0 = r0; m0 < r1; m0 += MR) {
       const int64_t rows = std::min(MR, r1 - m0);
-      micro_for(rows, avx2)(Ab + (m0 - r0) * Kp, bp, Kp, ep, m0, n0, nn);
+      micro(isa, rows, Ab + (m0 - r0) * Kp * L.esize, bp, Kp, ep, m0, n0, nn);
     }
   }
 }
@@ -432,26 +493,45 @@ void compute_block(const int16_t* Ab, int64_t r0, int64_t r1, int64_t c0, int64_
 // =============================================================================================
 // Public entry points (raw pointers; the Python wrapper validated shapes, dtypes, strides)
 
-std::string cpu_isa() { return have_avx2() ? "avx2" : "scalar"; }
+std::string cpu_isa() {
+  static const char* names[] = {"scalar", "avx2", "avx512vnni"};
+  return names[current_isa()];
+}
+
+int cpu_isa_code() { return current_isa(); }
 
 std::string set_cpu_isa(const std::string& isa) {
-  if (isa == "scalar") g_isa_override = 0;
-  else if (isa == "auto" || isa == "avx2") g_isa_override = -1;
+  if (isa == "scalar") g_isa_override = kScalar;
+  else if (isa == "avx2" && cpu_has_avx2()) g_isa_override = kAvx2;
+  else if (isa == "auto" || isa == "avx512vnni") g_isa_override = -1;
   return cpu_isa();
 }
 
-int64_t packed_b_numel(int64_t N, int64_t K) { return round_up(N, NR) * even(K); }
+int64_t packed_b_bytes(int64_t N, int64_t K, int isa) {
+  const Layout L = layout(isa);
+  const int64_t Np = round_up(N, L.nr);
+  return Np * round_up(K, L.group) * L.esize + (isa == kVnni ? Np * 4 : 0);
+}
 
-void pack_b(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, int16_t* out,
+void pack_b(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, void* out, int isa,
             int64_t nthreads) {
-  const int64_t panels = round_up(N, NR) / NR;
+  const Layout L = layout(isa);
+  const int64_t panels = round_up(N, L.nr) / L.nr;
+  const int64_t body = round_up(N, L.nr) * round_up(K, L.group) * L.esize;
 #pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static)
-  for (int64_t j = 0; j < panels; ++j) pack_b_panel(b, N, K, sn, sk, j, out);
+  for (int64_t j = 0; j < panels; ++j) {
+    if (isa == kVnni) {
+      pack_b_panel_vnni(b, N, K, sn, sk, j, static_cast<int8_t*>(out),
+                        reinterpret_cast<int32_t*>(static_cast<uint8_t*>(out) + body));
+    } else {
+      pack_b_panel_i16(b, N, K, sn, sk, j, static_cast<int16_t*>(out));
+    }
+  }
 }
 
 void quantize_rows(const void* x, int dtype, int64_t M, int64_t K, int64_t sm, int8_t* q,
                    float* scale, int64_t nthreads) {
-  const bool avx2 = have_avx2();
+  const bool avx2 = current_isa() != kScalar && cpu_has_avx2();
 #pragma omp parallel num_threads(clamp_threads(nthreads))
   {
     std::vector<float> buf(dtype == 0 ? 0 : K);
@@ -461,62 +541,98 @@ void quantize_rows(const void* x, int dtype, int64_t M, int64_t K, int64_t sm, i
   }
 }
 
-static void gemm(const ASource& src, const int16_t* Bp, int64_t M, int64_t N, int64_t K, void* out,
-          int64_t ldc, const float* a_scale, const float* b_scale, const float* bias,
-          int64_t nthreads) {
-  const bool avx2 = have_avx2();
-  const int64_t Kp = even(K), T = clamp_threads(nthreads);
-  const Epilogue ep{out, ldc, a_scale != nullptr, a_scale, b_scale, bias};
+int64_t gemm_threads(int64_t M, int64_t N, int64_t K, int64_t nthreads) {
+  // below ~1 M multiply-adds per thread the parallel region's fork/join costs more than the
+  // split saves (measured on a 2-core Zen 5: docs/int8_gemm_cpu.md)
+  constexpr int64_t kMacsPerThread = int64_t{1} << 20;
+  const int64_t macs = M * N * std::max<int64_t>(K, 1);
+  return std::max<int64_t>(1, std::min<int64_t>(clamp_threads(nthreads), macs / kMacsPerThread));
+}
+
+static void gemm(const ASource& src, const void* Bp_, int isa, int64_t M, int64_t N, int64_t K,
+                 void* out, int64_t ldc, const float* a_scale, const float* b_scale,
+                 const float* bias, int act, int64_t nthreads) {
+  const Layout L = layout(isa);
+  const uint8_t* Bp = static_cast<const uint8_t*>(Bp_);
+  const int64_t Kp = round_up(K, L.group), T = gemm_threads(M, N, K, nthreads);
+  const int64_t Np = round_up(N, L.nr);
+  const int32_t* comp =
+      isa == kVnni ? reinterpret_cast<const int32_t*>(Bp + Np * Kp * L.esize) : nullptr;
+  const Epilogue ep{out, ldc, a_scale != nullptr, a_scale, b_scale, bias, comp,
+                    a_scale != nullptr ? act : 0};
   const int64_t out_bytes = M * ldc * 4;  // int32 or float32
   if (out_bytes >= (int64_t{8} << 20)) advise_huge_pages(out, out_bytes);
-  const int64_t mc = block_rows(Kp);
+  const int64_t row_bytes = Kp * L.esize, mc = block_rows(row_bytes);
   // One thread: row blocks only once all of packed A (swept again for every B panel by the
   // few-rows path) is past 8 MiB, a measured threshold (docs/int8_gemm_cpu.md).
-  const bool big_a = M * Kp * 2 > (int64_t{8} << 20);
+  const bool big_a = M * row_bytes > (int64_t{8} << 20);
   if (M >= T * mc && (T > 1 || big_a)) {
-    // Row split, one parallel region and no barrier: each thread prepares (widens or
+    // Row split, one parallel region and no barrier: each thread prepares (copies or
     // quantizes) its own row blocks into an L2-resident buffer and runs them against all of B.
     const int64_t blocks = (M + mc - 1) / mc;
 #pragma omp parallel num_threads(static_cast<int>(T))
     {
-      Scratch sc(src, K, mc * Kp);
+      Scratch& sc = scratch(K, Kp);
+      uint8_t* ab = grow(sc.a, mc * row_bytes);
 #pragma omp for schedule(static)
       for (int64_t mb = 0; mb < blocks; ++mb) {
         const int64_t r0 = mb * mc, r1 = std::min(M, r0 + mc);
-        prepare_rows(src, M, K, r0, r1, sc.a.data(), sc, avx2);
-        compute_block(sc.a.data(), r0, r1, 0, N, Bp, Kp, ep, avx2);
+        prepare_rows(src, isa, M, K, r0, r1, ab, sc);
+        compute_block(isa, ab, r0, r1, 0, N, Bp, Kp, ep);
       }
     }
     return;
   }
   // Few rows (M < T * mc): prepare all of A once (split over threads, one barrier), then split
-  // the 16-column B panels over threads.
-  std::vector<int16_t> ap(static_cast<size_t>(M * Kp));
-  const int64_t a_panels = (M + MR - 1) / MR, b_panels = (N + NR - 1) / NR;
+  // the B panels over threads.
+  uint8_t* ap = grow(scratch(K, Kp).a, M * row_bytes);  // the calling thread's workspace
+  const int64_t a_panels = (M + MR - 1) / MR, b_panels = Np / L.nr;
+  if (T == 1) {
+    Scratch& sc = scratch(K, Kp);
+    prepare_rows(src, isa, M, K, 0, M, ap, sc);
+    compute_block(isa, ap, 0, M, 0, N, Bp, Kp, ep);
+    return;
+  }
 #pragma omp parallel num_threads(static_cast<int>(T))
   {
-    Scratch sc(src, K, 0);
+    Scratch& sc = scratch(K, Kp);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < a_panels; ++i)
-      prepare_rows(src, M, K, i * MR, std::min(M, i * MR + MR), ap.data() + i * MR * Kp, sc, avx2);
+      prepare_rows(src, isa, M, K, i * MR, std::min(M, i * MR + MR), ap + i * MR * row_bytes, sc);
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < b_panels; ++j)
-      compute_block(ap.data(), 0, M, j * NR, std::min(N, j * NR + NR), Bp, Kp, ep, avx2);
+      compute_block(isa, ap, 0, M, j * L.nr, std::min(N, j * L.nr + L.nr), Bp, Kp, ep);
   }
 }
 
-void gemm_int8(const int8_t* a, int64_t sm, int64_t sk, const int16_t* Bp, int64_t M, int64_t N,
-               int64_t K, void* out, int64_t ldc, const float* a_scale, const float* b_scale,
-               const float* bias, int64_t nthreads) {
+void gemm_int8(const int8_t* a, int64_t sm, int64_t sk, const void* Bp, int isa, int64_t M,
+               int64_t N, int64_t K, void* out, int64_t ldc, const float* a_scale,
+               const float* b_scale, const float* bias, int act, int64_t nthreads) {
   const ASource src{a, 0, 0, sm, sk, nullptr};
-  gemm(src, Bp, M, N, K, out, ldc, a_scale, b_scale, bias, nthreads);
+  gemm(src, Bp, isa, M, N, K, out, ldc, a_scale, b_scale, bias, act, nthreads);
 }
 
-void linear_dynamic(const void* x, int dtype, int64_t sm, const int16_t* Bp, int64_t M,
+void linear_dynamic(const void* x, int dtype, int64_t sm, const void* Bp, int isa, int64_t M,
                     int64_t N, int64_t K, float* out, int64_t ldc, float* x_scale,
-                    const float* w_scale, const float* bias, int64_t nthreads) {
+                    const float* w_scale, const float* bias, int act, int64_t nthreads) {
   const ASource src{x, 1, dtype, sm, 1, x_scale};
-  gemm(src, Bp, M, N, K, out, ldc, x_scale, w_scale, bias, nthreads);
+  gemm(src, Bp, isa, M, N, K, out, ldc, x_scale, w_scale, bias, act, nthreads);
+}
+
+void linear_plan_run(const LinearPlan& p, const void* x, int dtype, int64_t sm, int64_t M,
+                     float* out, int64_t ldc, int64_t nthreads) {
+  static thread_local std::vector<float> x_scale;
+  if (static_cast<int64_t>(x_scale.size()) < M) x_scale.resize(static_cast<size_t>(M));
+  linear_dynamic(x, dtype, sm, p.Bp, p.isa, M, p.N, p.K, out, ldc, x_scale.data(), p.w_scale,
+                 p.bias, p.act, nthreads);
+}
+
+void activation(float* v, int64_t n, int act, int isa) {
+  if (isa == kVnni && cpu::vnni_supported()) {
+    cpu::act_avx512(v, n, act);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) v[i] = cpu::act_scalar(v[i], act);
 }
 
 }  // namespace tkd

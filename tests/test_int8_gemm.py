@@ -1,6 +1,7 @@
-"""INT8 GEMM extension tkd_core._C: exactness (CPU AVX2 and scalar), fused epilogue, per-token
-quantizer, Int8Linear accuracy, thread invariance, input validation, quantize_model, and the CUDA
-kernel compiled standalone by nvcc (IMMA in the SASS, no local-memory spills).
+"""INT8 GEMM extension tkd_core._C: exactness (CPU AVX-512 VNNI, AVX2 and scalar), fused epilogue
+(scale, bias, GELU / ReLU) against float64, per-token quantizer, Int8Linear accuracy, thread
+invariance and the small-problem thread rule, input validation, quantize_model and its size rule,
+and the CUDA kernel compiled standalone by nvcc (IMMA in the SASS, no local-memory spills).
 
 Reference for the int32 results: a float64 matmul of the int8 values, which is exact here (every
 partial sum is an integer of magnitude <= K * 128^2 < 2^53); `test_float64_reference_is_int64`
@@ -51,10 +52,13 @@ def scalar_isa():
 # exactness
 
 def test_cpu_isa_is_detected():
-    assert G.cpu_isa() in ("avx2", "scalar")
+    assert G.cpu_isa() in ("avx512vnni", "avx2", "scalar")
     import platform
-    if platform.machine() == "x86_64" and "avx2" in open("/proc/cpuinfo").read():
-        assert G.cpu_isa() == "avx2"
+    if platform.machine() == "x86_64":
+        flags = set(re.search(r"^flags\s*:(.*)$", open("/proc/cpuinfo").read(), re.M)[1].split())
+        want = ("avx512vnni" if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
+                <= flags else "avx2" if "avx2" in flags else "scalar")
+        assert G.cpu_isa() == want
 
 
 def test_float64_reference_is_int64():
@@ -190,23 +194,115 @@ def test_quantize_zero_row_and_noncontiguous(device):
         tkd_core.ops.quantize_per_token(torch.ones(3, 0))
 
 
+CPU_ISAS = ["avx512vnni", "avx2", "scalar"]
+
+
 def pytest_generate_tests(metafunc):
     if "isa" in metafunc.fixturenames:
         cuda = metafunc.config.getoption("--device") == "cuda"
-        metafunc.parametrize("isa", ["cuda"] if cuda else ["avx2", "scalar"], indirect=True)
+        metafunc.parametrize("isa", ["cuda"] if cuda else CPU_ISAS, indirect=True)
+
+
+def _force_isa(name):
+    """Force a CPU kernel for weights packed from now on; skip where the CPU lacks it."""
+    if G.set_cpu_isa("auto" if name == "avx512vnni" else name) != name:
+        G.set_cpu_isa("auto")
+        pytest.skip(f"this CPU has no {name}")
 
 
 @pytest.fixture
 def isa(request, device):
-    """The quantizer's paths: on CPU both ISAs (AVX2 where the CPU has it), on CUDA its own."""
+    """Every kernel of the device: on CPU each ISA the CPU has, on CUDA its own."""
     if request.param == "cuda":
         yield "cuda"
         return
-    if request.param == "avx2" and G.set_cpu_isa("auto") != "avx2":
-        pytest.skip("this CPU has no AVX2")
-    G.set_cpu_isa("scalar" if request.param == "scalar" else "auto")
+    _force_isa(request.param)
     yield request.param
     G.set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 257, 4099), (257, 4099, 7), (1, 4099, 257),
+                                   (64, 384, 65)])
+def test_exact_every_isa(isa, M, K, N, device):
+    """Every kernel exact on awkward shapes: partial tiles in M (6) and N (16 / 64), K not a
+    multiple of the k group (2 / 4), the extreme -128 in both operands."""
+    a, b = rand_i8(M, K, lo=-128, device=device), rand_i8(N, K, lo=-128, device=device)
+    a[0, : K // 2], b[-1, K // 3:] = -128, -128
+    assert torch.equal(tkd_core.ops.int8_gemm(a, b).long(), exact(a, b))
+
+
+def test_vnni_biased_accumulator_wraps_exactly():
+    """The VNNI kernel accumulates (a + 128) b, which leaves int32 past K ~ 65800 at these values;
+    the epilogue's correction wraps back: exact wherever C itself fits in int32."""
+    _force_isa("avx512vnni")
+    try:
+        K = G.K_MAX
+        for va, vb in ((127, 127), (-128, -128), (127, -128), (-127, 127)):
+            a = torch.full((7, K), va, dtype=torch.int8)
+            b = torch.full((3, K), vb, dtype=torch.int8)
+            out = tkd_core.ops.int8_gemm(a, b)
+            assert (out.long() == va * vb * K).all(), (va, vb)
+    finally:
+        G.set_cpu_isa("auto")
+
+
+ACTS = ["gelu", "gelu_tanh", "relu"]
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 7, 1), (7, 1, 257), (257, 257, 7), (13, 4099, 4099),
+                                   (4099, 7, 65)])
+def test_activation_epilogue_against_float64(isa, M, K, N, device):
+    """act(acc * s_a * s_w + bias) fused into the epilogue against float64 on the exact int64
+    accumulator. Error budget: float32 rounding of the epilogue (a few ulp of |y|, as the plain
+    epilogue) plus the activation's own approximation (erf: < 4e-7 absolute, times |y| / 2)."""
+    a, b = rand_i8(M, K, device=device), rand_i8(N, K, device=device)
+    acc = exact(a, b).double()
+    # scales that put the pre-activations across GELU's whole shape (|y| up to ~8)
+    sa = (torch.rand(M, device=device) + 0.5) * 4 / (127 * 127 * max(K, 1) ** 0.5)
+    sb = torch.rand(N, device=device) + 0.5
+    bias = torch.randn(N, device=device)
+    pre = acc * sa.double()[:, None] * sb.double()[None, :] + bias.double()
+    for act in ACTS:
+        y = tkd_core.ops.int8_gemm(a, b, sa, sb, bias, activation=act)
+        ref = G.activation_ref(pre, G.activation_code(act))
+        assert y.dtype == torch.float32 and y.shape == (M, N)
+        err = (y.double() - ref).abs()
+        tol = 8 * 2.0 ** -24 * (pre.abs() + bias.double().abs() + 1) + 4e-7 * pre.abs()
+        assert (err <= tol).all(), f"{act}: max excess {(err - tol).max().item():.3g}"
+    assert torch.equal(G.int8_gemm_ref(a, b, sa, sb, bias, activation="gelu"),
+                       G.activation_ref(pre, 1).float())
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_vector_activation_against_float64(act):
+    """The epilogue's activation alone on a dense grid, incl. the tails and erf's clamp at 4."""
+    x = torch.cat([torch.linspace(-12, 12, 200001), torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    code = G.activation_code(act)
+    ref = G.activation_ref(x.double(), code)
+    for isa in (2, 0):
+        y = x.clone()
+        G._ext().activation(y.data_ptr(), y.numel(), code, isa)
+        err = (y.double() - ref).abs()
+        assert (err <= 2.0 ** -22 * ref.abs() + 4e-7 * x.double().abs() + 1e-30).all(), \
+            (act, isa, err.max().item())
+    y = torch.tensor([float("nan")] * 3)
+    G._ext().activation(y.data_ptr(), 3, code, 2)
+    assert torch.isnan(y).all()  # a NaN token stays NaN through every activation
+
+
+@pytest.mark.parametrize("act", ACTS + [None])
+def test_int8_linear_activation(act, device):
+    """Int8Linear(activation=...) = act(Int8Linear(x)) to float32 rounding, on every path."""
+    lin = torch.nn.Linear(257, 4099 if device.type == "cpu" else 512, device=device)
+    x = torch.randn(7, 3, 257, device=device)
+    with torch.no_grad():
+        plain = Int8Linear.from_float(lin)
+        fused = Int8Linear.from_float(lin, activation=act)
+        ref = G.activation_ref(plain(x).double(), G.activation_code(act))
+        y = fused(x)
+    assert y.shape == (7, 3, lin.out_features)
+    assert ("activation" in repr(fused)) == (act is not None)
+    assert_close(y, ref, 1e-6, f"fused {act}")
 
 
 def non_finite_rows(M, K, dtype, device):
@@ -297,7 +393,7 @@ def test_quantize_model():
     x = torch.randn(9, 32)
     with torch.no_grad():
         ref = model(x)
-    report = tkd_core.quantize_model(model, skip=["3"])
+    report = tkd_core.quantize_model(model, skip=["3"], min_weights=0)
     assert [n for n, _, _ in report.converted] == ["0", "2.0"]
     assert report.skipped == [("3", "matched skip")]
     assert "converted 2" in str(report)
@@ -306,10 +402,45 @@ def test_quantize_model():
     with torch.no_grad():
         assert sqnr_db(model(x), ref) > 25
     mha = tkd_core.nn.MultiHeadAttention(32, 4)
-    r2 = tkd_core.quantize_model(mha, skip=lambda name, m: name == "out")
+    r2 = tkd_core.quantize_model(mha, skip=lambda name, m: name == "out", min_weights=0)
     assert [n for n, _, _ in r2.converted] == ["qkv"] and isinstance(mha.qkv, Int8Linear)
     with pytest.raises(TypeError, match="from_float"):
         tkd_core.quantize_model(torch.nn.Linear(4, 4))
+
+
+def test_quantize_model_size_rule():
+    """Layers below min_weights stay float (INT8 would make them slower), and the report says
+    which and why; the rule is on weight counts only, decided without timing anything."""
+    assert G.MIN_INT8_WEIGHTS == 16384
+    assert G.int8_pays(128, 128) and G.int8_pays(64, 256) and not G.int8_pays(64, 255)
+    assert G.int8_pays(384, 1536) and G.int8_pays(1, 1, min_weights=0)
+    # the default run's 2-layer student (hidden 64, FFN 256): the FFN converts, the attention
+    # projections (64 x 192, 64 x 64) stay float
+    from tkd_core.model import ModelConfig, build_model
+    student = build_model(ModelConfig.preset("cpu-student-2", vocab_size=100))
+    rep = tkd_core.quantize_model(student, skip=("pooler", "classifier"))
+    assert [n for n, _, _ in rep.converted] == [f"layers.{i}.ffn.{p}" for i in (0, 1)
+                                                 for p in ("up", "down")]
+    assert rep.too_small == [f"layers.{i}.attn.{p}" for i in (0, 1) for p in ("qkv", "out")]
+    assert "too small for INT8 to pay: 64 x 64 = 4,096 weights < min_weights 16,384" in str(rep)
+    # MiniLM's shapes all convert; a custom threshold moves the line
+    model = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.Linear(1536, 384),
+                                torch.nn.Linear(384, 2))
+    rep = tkd_core.quantize_model(model)
+    assert [n for n, _, _ in rep.converted] == ["0", "1"] and rep.too_small == ["2"]
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+    rep = tkd_core.quantize_model(model, min_weights=4096)
+    assert [n for n, _, _ in rep.converted] == ["0"] and rep.min_weights == 4096
+    with pytest.raises(ValueError, match="min_weights"):
+        tkd_core.quantize_model(model, min_weights=-1)
+
+
+@pytest.mark.parametrize("M,N,K,T,want", [(1, 64, 64, 2, 1), (64, 384, 384, 2, 2),
+                                          (16, 64, 256, 2, 1), (4096, 768, 768, 8, 8),
+                                          (64, 64, 256, 4, 1), (0, 5, 5, 2, 1)])
+def test_small_problems_run_on_fewer_threads(M, N, K, T, want):
+    """The thread rule: about 1 M multiply-adds per thread at least (a decision, not a timing)."""
+    assert G._ext().gemm_threads(M, N, K, T) == want
 
 
 # ------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import fnmatch
 from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .kernels import utils
@@ -57,6 +58,27 @@ except ImportError as e:  # the package was installed without building the exten
 K_MAX = 131071  # int32 accumulation is exact up to here: K * 128 * 128 < 2^31
 _X_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CUDA_OUT_KIND = {torch.int32: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+# Epilogue activations (after scale + bias), by their ModelConfig.hidden_act / HF names
+ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "gelu_new": 2, "gelu_pytorch_tanh": 2,
+               "relu": 3}
+
+
+def activation_code(activation: Optional[str]) -> int:
+    """An epilogue activation name (None, "gelu" (erf), "gelu_tanh" and its HF names "gelu_new"
+    / "gelu_pytorch_tanh", "relu") -> the kernel's code."""
+    if activation not in ACTIVATIONS:
+        names = ", ".join(repr(a) for a in ACTIVATIONS)
+        raise ValueError(f"activation must be one of ({names}), got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def activation_ref(y: torch.Tensor, code: int) -> torch.Tensor:
+    """The torch form of an epilogue activation (any float dtype: float64 for references)."""
+    if code == 1:
+        return F.gelu(y)
+    if code == 2:
+        return F.gelu(y, approximate="tanh")
+    return torch.relu(y) if code == 3 else y
 
 
 def _ext():
@@ -67,20 +89,26 @@ def _ext():
 
 
 def cpu_isa() -> str:
-    """The CPU kernel chosen at run time by feature detection: "avx2" or "scalar"."""
+    """The CPU kernel chosen at run time by feature detection: "avx512vnni", "avx2" or
+    "scalar"."""
     return _ext().cpu_isa()
 
 
 def set_cpu_isa(isa: str) -> str:
-    """Force the CPU path: "scalar" (the portable fallback, for tests) or "auto" (detection)."""
-    if isa not in ("scalar", "auto"):
-        raise ValueError(f"isa must be 'scalar' or 'auto', got {isa!r}")
+    """Force the CPU path for weights packed from now on: "scalar" (the portable fallback),
+    "avx2" (where supported; for tests) or "auto" (detection). Returns `cpu_isa()`."""
+    if isa not in ("scalar", "avx2", "auto"):
+        raise ValueError(f"isa must be 'scalar', 'avx2' or 'auto', got {isa!r}")
     return _ext().set_cpu_isa(isa)
 
 
 def cuda_built() -> bool:
     """True when `tkd_core._C` contains the CUDA kernel (nvcc + CUDA torch at build time)."""
     return _C is not None and bool(_C.with_cuda)
+
+
+def _isa_code(t: torch.Tensor) -> int:
+    return -1 if t.is_cuda else _ext().cpu_isa_code()
 
 
 def _threads() -> int:
@@ -160,7 +188,9 @@ def _validate_gemm(a, b, a_scale, b_scale, bias, out_dtype, *, packed_k=None):
 
 
 class PackedInt8Weight:
-    """An int8 (N, K) weight widened and packed once into the CPU kernel's panel layout."""
+    """An int8 (N, K) weight packed once into the CPU kernel's panel layout, for the ISA in use
+    when it was packed (`isa`, a code of `cpu_isa()`; the kernels run on the packed layout's ISA).
+    `data` is a uint8 tensor (a buffer torch.compile can carry)."""
 
     def __init__(self, b: torch.Tensor):
         utils.check_tensor("b", b, dtypes=(torch.int8,), ndim=2)
@@ -168,9 +198,10 @@ class PackedInt8Weight:
             raise ValueError("PackedInt8Weight is the CPU layout; CUDA uses the int8 (N, K) weight")
         C = _ext()
         self.N, self.K = b.shape
-        self.data = torch.empty(C.packed_b_numel(self.N, self.K), dtype=torch.int16)
+        self.isa = C.cpu_isa_code()
+        self.data = torch.empty(C.packed_b_bytes(self.N, self.K, self.isa), dtype=torch.uint8)
         C.pack_b(b.data_ptr(), self.N, self.K, b.stride(0), b.stride(1), self.data.data_ptr(),
-                 _threads())
+                 self.isa, _threads())
 
 
 def pack_weight(b: torch.Tensor) -> PackedInt8Weight:
@@ -188,48 +219,59 @@ def _cpu_scales(scaled, a_scale, b_scale, bias, M, N, device):
 
 
 def int8_gemm_packed(a, w: PackedInt8Weight, a_scale=None, b_scale=None, bias=None,
-                     out_dtype=None):
+                     out_dtype=None, activation: Optional[str] = None):
     """`int8_gemm` on the CPU with a weight packed once by `pack_weight`."""
     M, N, K, scaled = _validate_gemm(a, None, a_scale, b_scale, bias, out_dtype,
                                      packed_k=(w.N, w.K))
+    act = activation_code(activation)
+    if act and not scaled:
+        raise ValueError("an activation needs the float epilogue: pass a_scale / b_scale / bias")
     if a.is_cuda:
         raise ValueError("int8_gemm_packed takes CPU tensors; call int8_gemm on CUDA")
     out = utils.empty((M, N), dtype=torch.float32 if scaled else torch.int32, device=a.device)
     if M == 0 or N == 0:
         return out
     keep, ptrs = _cpu_scales(scaled, a_scale, b_scale, bias, M, N, a.device)  # noqa: F841
-    _ext().gemm_int8(a.data_ptr(), a.stride(0), a.stride(1), w.data.data_ptr(), M, N, K,
-                     out.data_ptr(), N, *ptrs, _threads())
+    _ext().gemm_int8(a.data_ptr(), a.stride(0), a.stride(1), w.data.data_ptr(), w.isa, M, N, K,
+                     out.data_ptr(), N, *ptrs, act, _threads())
+    return out
+
+
+def _linear_cpu(x2d: torch.Tensor, packed: torch.Tensor, isa: int, w_scale: torch.Tensor,
+                bias: Optional[torch.Tensor], act: int, out: Optional[torch.Tensor] = None):
+    """The dynamic int8 linear's kernel call: x2d (M, K) float32 / float16 / bfloat16 with a unit
+    column stride, `packed` a PackedInt8Weight's data for `isa`, w_scale (N,) and bias (N,) or
+    None float32 contiguous (checked once, when the weight is packed) -> float32 (M, N), written
+    into `out` when given. Per-token quantization (one read of x) fused into the GEMM's A
+    packing, then act(acc * s_x * s_w + bias) on the accumulators."""
+    M, K = x2d.shape
+    N = w_scale.shape[0]
+    if out is None:
+        out = utils.empty((M, N), dtype=torch.float32, device=x2d.device)
+    if M == 0 or N == 0:
+        return out
+    x_scale = torch.empty(M, dtype=torch.float32)  # written by the quantizer, read by the epilogue
+    _ext().linear_dynamic(x2d.data_ptr(), _X_DTYPE_CODE[x2d.dtype], x2d.stride(0),
+                          packed.data_ptr(), isa, M, N, K, out.data_ptr(), N, x_scale.data_ptr(),
+                          w_scale.data_ptr(), bias.data_ptr() if bias is not None else 0, act,
+                          _threads())
     return out
 
 
 def quantized_linear_cpu(x2d: torch.Tensor, w: PackedInt8Weight, w_scale: torch.Tensor,
-                         bias: Optional[torch.Tensor]) -> torch.Tensor:
+                         bias: Optional[torch.Tensor], activation: Optional[str] = None):
     """Dynamic int8 linear on the CPU in one kernel call: per-token quantization (one read of x)
-    fused into the GEMM's A packing, then the per-token x per-channel scale + bias epilogue.
+    fused into the GEMM's A packing, then act(x_scale * w_scale * acc + bias) in the epilogue.
     x2d: (M, K) float32 / float16 / bfloat16 -> float32 (M, N)."""
     M, K = x2d.shape
-    code = _X_DTYPE_CODE.get(x2d.dtype)
-    if code is None:
+    if x2d.dtype not in _X_DTYPE_CODE:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x2d.dtype}")
     if K != w.K:
         raise ValueError(f"x has K={K}, the weight has K={w.K}")
-    N = w.N
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-    out = utils.empty((M, N), dtype=torch.float32, device=x2d.device)
-    if M == 0 or N == 0:
-        return out
-    # per-call Python work is most of a small layer's time (batch 1 x 64 tokens: ~15 us of a
-    # ~30 us call), so float32 contiguous scale / bias buffers are passed as they are
-    if w_scale.dtype != torch.float32 or not w_scale.is_contiguous() or w_scale.numel() != N:
-        w_scale = _vec(w_scale, N, x2d.device)
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.float().contiguous()
-    x_scale = torch.empty(M, dtype=torch.float32)  # written by the quantizer, read by the epilogue
-    _ext().linear_dynamic(x2d.data_ptr(), code, x2d.stride(0), w.data.data_ptr(), M, N, K,
-                          out.data_ptr(), N, x_scale.data_ptr(), w_scale.data_ptr(),
-                          bias.data_ptr() if bias is not None else 0, _threads())
-    return out
+    w_scale = _vec(w_scale, w.N, x2d.device)
+    bias = bias.float().contiguous() if bias is not None else None
+    return _linear_cpu(x2d, w.data, w.isa, w_scale, bias, activation_code(activation))
 
 
 def _gemm_cuda(a, b, M, N, K, scaled, a_scale, b_scale, bias, out_dtype):
@@ -314,24 +356,50 @@ def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
+@torch.library.custom_op("tkd::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, packed: torch.Tensor, isa: int, w_scale: torch.Tensor,
+                    bias: Optional[torch.Tensor], act: int) -> torch.Tensor:
+    """Int8Linear's CPU forward as one op (torch.compile calls it; eager calls _linear_cpu):
+    x (..., K) -> float32 (..., N)."""
+    K, N = x.shape[-1], w_scale.shape[0]
+    x2 = x.reshape(-1, K)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    return _linear_cpu(x2, packed, isa, w_scale, bias, act).view(*x.shape[:-1], N)
+
+
+@_int8_linear_op.register_fake
+def _(x, packed, isa, w_scale, bias, act):
+    return x.new_empty((*x.shape[:-1], w_scale.shape[0]), dtype=torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public ops
 # ---------------------------------------------------------------------------------------------
 
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale=None, b_scale=None, bias=None,
-              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+              out_dtype: Optional[torch.dtype] = None,
+              activation: Optional[str] = None) -> torch.Tensor:
     """a @ b.T for int8 a (M, K) and int8 b (N, K) (nn.Linear weight layout).
 
     Without a_scale / b_scale / bias: the exact int32 (M, N) result. With them:
-    acc * a_scale[:, None] * b_scale[None, :] + bias, fused into the kernel's epilogue, where
+    act(acc * a_scale[:, None] * b_scale[None, :] + bias), fused into the kernel's epilogue, where
     a_scale is (M,) per token or a scalar, b_scale is (N,) per channel or a scalar (a missing one
-    counts as 1), bias is (N,). out_dtype: float32 on CPU; float16, bfloat16 or float32 on CUDA
-    (default float32). Any strides are accepted. Inference only (no autograd). Registered as
-    torch.ops.tkd.int8_gemm (with a fake implementation for torch.compile).
+    counts as 1), bias is (N,), act the `activation` (None, "gelu" (erf), "gelu_tanh", "relu";
+    on CUDA applied after the kernel). out_dtype: float32 on CPU; float16, bfloat16 or float32
+    on CUDA (default float32). Any strides are accepted. Inference only (no autograd).
+    Registered as torch.ops.tkd.int8_gemm (with a fake implementation for torch.compile).
     """
-    _validate_gemm(a, b, a_scale, b_scale, bias, out_dtype)  # clear errors before the op
-    return _int8_gemm_op(a, b, _as_tensor(a_scale, a.device), _as_tensor(b_scale, a.device),
-                         bias, out_dtype)
+    M, N, K, scaled = _validate_gemm(a, b, a_scale, b_scale, bias, out_dtype)  # clear errors
+    act = activation_code(activation)
+    if act and not scaled:
+        raise ValueError("an activation needs the float epilogue: pass a_scale / b_scale / bias")
+    a_scale, b_scale = _as_tensor(a_scale, a.device), _as_tensor(b_scale, a.device)
+    if act and not a.is_cuda:
+        if M == 0 or N == 0:
+            return utils.empty((M, N), dtype=torch.float32, device=a.device)
+        return int8_gemm_packed(a, pack_weight(b), a_scale, b_scale, bias, out_dtype, activation)
+    y = _int8_gemm_op(a, b, a_scale, b_scale, bias, out_dtype)
+    return activation_ref(y, act) if act else y
 
 
 def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -355,9 +423,10 @@ def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 # Torch references
 # ---------------------------------------------------------------------------------------------
 
-def int8_gemm_ref(a, b, a_scale=None, b_scale=None, bias=None, out_dtype=None):
+def int8_gemm_ref(a, b, a_scale=None, b_scale=None, bias=None, out_dtype=None, activation=None):
     """Reference: exact int32 a @ b.T (via float64, exact for K <= K_MAX), or the scaled float
-    result computed in float64 and cast to `out_dtype` (default float32)."""
+    result (then the activation) computed in float64 and cast to `out_dtype` (default
+    float32)."""
     acc = a.double() @ b.double().T  # (M, N), exact integers
     if not _scaled(a_scale, b_scale, bias, out_dtype):
         return acc.to(torch.int32)
@@ -366,7 +435,7 @@ def int8_gemm_ref(a, b, a_scale=None, b_scale=None, bias=None, out_dtype=None):
     y = y * _vec(b_scale, N, a.device, torch.float64)[None, :]
     if bias is not None:
         y = y + bias.double()
-    return y.to(out_dtype or torch.float32)
+    return activation_ref(y, activation_code(activation)).to(out_dtype or torch.float32)
 
 
 def quantize_per_token_ref(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -389,49 +458,83 @@ class Int8Linear(nn.Module):
     """Inference-only dynamic INT8 drop-in for nn.Linear (also `tkd_core.nn.Int8Linear`).
 
     Weights: int8 (out, in), quantized symmetrically per output channel (scale = absmax / 127)
-    and, on CPU, widened + packed once into the kernel's panel layout. Activations: quantized
-    per token at run time (fused with packing on CPU), then y = (q_x @ q_w.T) * s_x * s_w + bias
-    in the GEMM's fused epilogue. Buffers (state_dict): `weight` int8, `weight_scale` float32,
-    `bias` float32 or None. forward(x (..., in)) -> (..., out) in x.dtype. No gradients.
+    and, on CPU, packed once into the kernel's panel layout (the non-persistent buffer `packed`).
+    Activations: quantized per token at run time (fused with packing on CPU), then
+    y = act((q_x @ q_w.T) * s_x * s_w + bias) in the GEMM's fused epilogue, where act is the
+    optional `activation` ("gelu", "gelu_tanh", "relu": a Linear followed by it, in one kernel).
+    Buffers (state_dict): `weight` int8, `weight_scale` float32, `bias` float32 or None.
+    forward(x (..., in)) -> (..., out) in x.dtype. No gradients. On CPU, torch.compile calls the
+    registered op torch.ops.tkd.int8_linear; eager calls the kernel directly (no dispatcher).
     """
 
-    def __init__(self, in_features, out_features, bias=True, device=None):
+    def __init__(self, in_features, out_features, bias=True, device=None,
+                 activation: Optional[str] = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.activation, self.act = activation, activation_code(activation)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8,
                                                    device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self._packed = None  # CPU packed weight, rebuilt when `weight` changes
+        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
+        self._packed_key = None  # what the packed buffer and plan were made from (_cpu_plan)
+        self._isa, self._plan, self._poison = -1, None, False
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
-        """Quantize a float nn.Linear (per-channel symmetric int8 weights), packed once."""
+    def from_float(cls, linear: nn.Linear, activation: Optional[str] = None) -> "Int8Linear":
+        """Quantize a float nn.Linear (per-channel symmetric int8 weights), packed once.
+        activation: fuse the activation that follows the Linear into the epilogue."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         m = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                device=w.device)
+                device=w.device, activation=activation)
         q, scale = quantize_per_token_ref(w.float())  # per output channel = per row
-        m.weight.copy_(q)
-        m.weight_scale.copy_(scale)
-        if linear.bias is not None:
-            m.bias.copy_(linear.bias.detach().float())
-        m._pack()
+        with torch.inference_mode(False), torch.no_grad():
+            m.weight.copy_(q)
+            m.weight_scale.copy_(scale)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias.detach().float())
+        if not w.is_cuda:
+            m._cpu_plan()
         return m
 
-    def _pack(self):
-        w = self.weight
-        self._packed = (pack_weight(w) if not w.is_cuda else None,
-                        w.data_ptr(), w._version)
+    def _packed_weight(self) -> torch.Tensor:
+        """The CPU packed weight, (re)packed when `weight` was loaded, moved or modified, or the
+        ISA was forced (set_cpu_isa), since the last pack."""
+        self._cpu_plan()
+        return self.packed
 
-    def _packed_weight(self):
-        w = self.weight
-        if self._packed is None or self._packed[1:] != (w.data_ptr(), w._version):
-            self._pack()  # weight was loaded, moved or modified since the last pack
-        return self._packed[0]
+    def _cpu_plan(self):
+        """The kernel call bound to the packed weight, scales, bias and activation; rebuilt when
+        any of them moved or changed (load_state_dict, .to(), in-place edits, set_cpu_isa)."""
+        w, ws, b = self.weight, self.weight_scale, self.bias
+        try:
+            version = w._version
+        except RuntimeError:  # an inference tensor has no version counter (nor in-place edits)
+            version = -1
+        key = (w.data_ptr(), version, _ext().cpu_isa_code(), ws.data_ptr(),
+               b.data_ptr() if b is not None else 0)
+        if key != self._packed_key:
+            if ws.dtype != torch.float32 or not ws.is_contiguous():
+                self.weight_scale = ws = ws.float().contiguous()
+            if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
+                self.bias = b = b.float().contiguous()
+            packed = PackedInt8Weight(w)
+            self.packed, self._isa = packed.data, packed.isa
+            self._plan = _ext().LinearPlan(packed.data.data_ptr(), packed.isa, self.out_features,
+                                           self.in_features, ws.data_ptr(),
+                                           b.data_ptr() if b is not None else 0, self.act)
+            self._packed_key = (w.data_ptr(), key[1], key[2], ws.data_ptr(), key[4])
+            self._poison = utils.poison_requested()  # tests: NaN-fill outputs before the kernel
+        return self._plan
 
     def forward(self, x):
+        if torch.compiler.is_compiling() and not x.is_cuda:
+            # traced: the packed buffer as it stands (packed by from_float / load_state_dict /
+            # the last eager call); the op's fake gives the shape
+            return _int8_linear_op(x, self.packed, self._isa, self.weight_scale, self.bias,
+                                   self.act).to(x.dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("Int8Linear is inference only: it has no gradient. Run it under "
                                "torch.no_grad() / torch.inference_mode(), or use nn.Linear to "
@@ -439,46 +542,80 @@ class Int8Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must end in in_features={self.in_features}, got shape "
                              f"{tuple(x.shape)}")
-        if x.is_cuda != self.weight.is_cuda or (x.is_cuda and x.device != self.weight.device):
+        if x.is_cuda or self.weight.is_cuda:
+            return self._forward_cuda(x)
+        code = _X_DTYPE_CODE.get(x.dtype)
+        if code is None:
+            raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        plan = self._cpu_plan()
+        x2 = x if x.is_contiguous() else x.reshape(-1, self.in_features).contiguous()
+        M = x2.numel() // self.in_features if self.in_features else 0  # rows of (M, K)
+        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        if self._poison:
+            y.fill_(float("nan"))
+        if M and self.out_features:
+            plan(x2.data_ptr(), code, self.in_features, M, y.data_ptr(), _threads())
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def _forward_cuda(self, x):
+        if x.device != self.weight.device:
             raise ValueError(f"x is on {x.device} but Int8Linear's weight is on "
                              f"{self.weight.device}")
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x.is_cuda:
-            q, s = quantize_per_token(x2)
-            y = int8_gemm(q, self.weight, s, self.weight_scale, self.bias,
-                          out_dtype=x.dtype if x.dtype in (torch.float16, torch.bfloat16)
-                          else torch.float32)
-        else:
-            y = quantized_linear_cpu(x2, self._packed_weight(), self.weight_scale, self.bias)
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
+        q, s = quantize_per_token(x.reshape(-1, self.in_features))
+        y = int8_gemm(q, self.weight, s, self.weight_scale, self.bias,
+                      out_dtype=x.dtype if x.dtype in (torch.float16, torch.bfloat16)
+                      else torch.float32, activation=self.activation)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if not self.weight.is_cuda:
+            self._cpu_plan()  # torch.compile reads the packed buffer as it stands
+
     def extra_repr(self):
+        act = f", activation={self.activation}" if self.act else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, dynamic per-token int8 x per-channel int8")
+                f"bias={self.bias is not None}{act}, dynamic per-token int8 x per-channel int8")
 
 
 # ---------------------------------------------------------------------------------------------
 # quantize_model: swap a model's nn.Linear layers for Int8Linear
 # ---------------------------------------------------------------------------------------------
 
+# The size rule: a Linear with fewer weights than this stays float by default. Measured on this
+# CPU (docs/int8_gemm_cpu.md, "When INT8 pays"; 1 thread, against nn.Linear): an Int8Linear call
+# costs ~3 us more than nn.Linear's (quantizing the tokens, the scales, the packed panels), which
+# the faster GEMM repays from ~16K weights at 16 tokens per call (64 x 256: 1.2x; 64 x 64: 0.7x)
+# and from ~4K at 64 tokens. A Linear below the rule would make the model slower.
+MIN_INT8_WEIGHTS = 16384
+
 Skip = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+def int8_pays(in_features: int, out_features: int, min_weights: int = MIN_INT8_WEIGHTS) -> bool:
+    """The size rule of `quantize_model`: INT8 for a Linear of at least `min_weights` weights."""
+    return in_features * out_features >= min_weights
 
 
 @dataclasses.dataclass
 class QuantizeReport:
     converted: List[Tuple[str, int, int]]  # (name, in_features, out_features)
     skipped: List[Tuple[str, str]]         # (name, reason)
+    min_weights: int = MIN_INT8_WEIGHTS    # the size rule applied (0: none)
 
     @property
     def params_converted(self) -> int:
         return sum(i * o for _, i, o in self.converted)
 
+    @property
+    def too_small(self) -> List[str]:
+        """Layers kept float by the size rule."""
+        return [n for n, why in self.skipped if why.startswith("too small")]
+
     def __str__(self):
         lines = [f"quantize_model: converted {len(self.converted)} nn.Linear layer(s) to "
                  f"Int8Linear ({self.params_converted:,} weights -> int8), skipped "
-                 f"{len(self.skipped)}"]
+                 f"{len(self.skipped)} (size rule: INT8 from {self.min_weights:,} weights)"]
         lines += [f"  int8  {n} ({i} -> {o})" for n, i, o in self.converted]
         lines += [f"  skip  {n}: {why}" for n, why in self.skipped]
         return "\n".join(lines)
@@ -495,25 +632,37 @@ def _skip_fn(skip: Skip) -> Callable[[str, nn.Module], bool]:
         fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
 
 
-def quantize_model(model: nn.Module, skip: Skip = None, verbose: bool = False) -> QuantizeReport:
-    """Replace every nn.Linear in `model` (in place) by `Int8Linear.from_float(linear)`.
+def quantize_model(model: nn.Module, skip: Skip = None, verbose: bool = False,
+                   min_weights: Optional[int] = None) -> QuantizeReport:
+    """Replace the nn.Linear layers of `model` (in place) by `Int8Linear.from_float(linear)`.
 
     skip: names to keep in float: a glob pattern, a list of patterns (matched against the dotted
     module name, e.g. "classifier" or "encoder.*.out"; a pattern naming a parent skips its
-    children), or a callable (name, module) -> bool. Returns a QuantizeReport (printed when
-    verbose). A bare nn.Linear passed as `model` cannot be replaced in place: use
-    Int8Linear.from_float.
+    children), or a callable (name, module) -> bool. min_weights: the size rule, a Linear with
+    fewer weights (in_features * out_features) stays float because INT8 would make it slower
+    (default MIN_INT8_WEIGHTS, measured; 0 converts every layer not skipped). Returns a
+    QuantizeReport (printed when verbose) naming every layer converted or kept and why. A bare
+    nn.Linear passed as `model` cannot be replaced in place: use Int8Linear.from_float.
     """
     if isinstance(model, nn.Linear):
         raise TypeError("quantize_model converts the nn.Linear layers inside a model in place; "
                         "for a single layer use tkd_core.nn.Int8Linear.from_float(linear)")
+    min_weights = MIN_INT8_WEIGHTS if min_weights is None else int(min_weights)
+    if min_weights < 0:
+        raise ValueError(f"min_weights must be >= 0, got {min_weights}")
     skipped_by = _skip_fn(skip)
-    report = QuantizeReport([], [])
+    report = QuantizeReport([], [], min_weights)
     targets = [(name, mod) for name, mod in model.named_modules()
                if isinstance(mod, nn.Linear) and name]
     for name, lin in targets:
         if skipped_by(name, lin):
             report.skipped.append((name, "matched skip"))
+            continue
+        if not int8_pays(lin.in_features, lin.out_features, min_weights):
+            report.skipped.append((name, f"too small for INT8 to pay: {lin.in_features} x "
+                                         f"{lin.out_features} = "
+                                         f"{lin.in_features * lin.out_features:,} weights < "
+                                         f"min_weights {min_weights:,}"))
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
