@@ -19,8 +19,6 @@ checkpoint folder is missing.
 """
 import copy
 import os
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -94,24 +92,6 @@ def infer_call(model, batch, amp):
     return call
 
 
-def interleaved(fns, reps, device, warmup=2):
-    """{name: median seconds} of fns' calls, timed one call of each in turn, `reps` times."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main(device, quick=False):
     try:
         import transformers  # noqa: F401
@@ -136,10 +116,10 @@ def main(device, quick=False):
         infer = {b: make_batch(cfg, b, S, device, seed=1) for b in (1, 32)}
         for b in infer.values():
             b[1].fill_(True)  # no padding
-        medians = {"train": interleaved({n: train_step(m.train(), train_batch, amp)
+        medians = {"train": harness.interleaved({n: train_step(m.train(), train_batch, amp)
                                          for n, m in models.items()}, reps["train"], device)}
         for bsz, batch in infer.items():
-            medians[f"infer b={bsz}"] = interleaved(
+            medians[f"infer b={bsz}"] = harness.interleaved(
                 {n: infer_call(m.eval(), batch, amp) for n, m in models.items()},
                 reps[f"infer b={bsz}"], device)
     finally:

@@ -9,8 +9,6 @@ TRITON_INTERPRET=0 for the timed runs: interpreted Triton kernels are for correc
 On CUDA they run the Triton kernels. Tokens count real (non-padding) tokens.
 """
 import os
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -69,18 +67,7 @@ def step_time(model, batch, device, amp_dtype, steps):
         torch.nn.functional.cross_entropy(logits.float(), labels).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return harness.interleaved({"step": step}, steps, device)["step"]
 
 
 def main(device, quick=False):

@@ -13,6 +13,8 @@ import dataclasses
 import datetime
 import os
 import platform
+import statistics
+import time
 from typing import Callable, Optional
 
 import torch
@@ -67,6 +69,24 @@ def time_ms(fn, inputs, device, reps=20, warmup=3):
         return triton.testing.do_bench(lambda: fn(*inputs), warmup=25, rep=100)
     from tkd_core.measure import median_ms
     return median_ms(lambda: fn(*inputs), reps, warmup)
+
+
+def interleaved(fns, reps, device, warmup=2):
+    """{name: median seconds} of fns' calls, timed one call of each in turn, `reps` times."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def device_name(device):

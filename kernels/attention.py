@@ -553,7 +553,7 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 
 @_attention_bwd_op.register_fake
 def _(do, q, k, v, o, lse, key_padding_mask, seed, causal, dropout_p, softmax_scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the op
 
 
 def _setup_context(ctx, inputs, output):

@@ -75,6 +75,7 @@ def test_each_mode(tmp_path, vocab, reference_backend):
     assert all(r["kd_loss"] is None for r in read_log(s) if r["type"] == "step")
     summary = json.load(open(s / "summary.json"))
     assert summary["steps"] == 5 and summary["finished"] and "accuracy" in summary["metrics"]
+    assert summary["peak_memory_mb"] > 10  # the process' peak resident set on CPU
     assert os.path.getsize(s / "trace_rank0.json") > 0  # --profile
 
 

@@ -418,7 +418,8 @@ def _train(args, tag, rank, world, device, out, rd):
                    skipped_steps=ts.skipped, params=param_count(raw), size_bytes=size_bytes(raw),
                    config=cfg.to_dict(), metrics=ts.last_eval, train_seconds=elapsed,
                    tokens_per_s=tokens_seen / elapsed if elapsed else 0.0,
-                   checkpoint=os.path.abspath(ck_path), args=recorded(args))
+                   checkpoint=os.path.abspath(ck_path), args=recorded(args),
+                   peak_memory_mb=_peak_memory_mb(device))
     if main and args.mode == "teacher" and args.teacher_logits and ts.step >= total:
         all_teacher_logits(raw.eval(), train_items, args.teacher_logits, device,
                            lambda: autocast(device, amp_dtype))
@@ -434,6 +435,14 @@ def _train(args, tag, rank, world, device, out, rd):
             print(f"[{name}] profiler trace: {os.path.join(out, f'trace_rank{rank}.json')}")
     log.close()
     return dict(summary, model=raw, dev_items=dev_items, spec=spec)
+
+
+def _peak_memory_mb(device) -> float:
+    """CUDA: the peak of allocated tensor memory; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _profiler(args, out, rank, device):
