@@ -123,33 +123,32 @@ def make_pretrained_plan(a) -> List[Job]:
     jobs = [Job("teacher", "teacher", "teacher", epochs=a.teacher_epochs, lr=a.teacher_lr,
                 extra=("--init", a.pretrained), study_vocab=False),
             Job("tfidf", "tfidf", "tfidf")]
-    for seed in seeds:
+    # seed-major order: every row's first seed before any second seed, so that a study stopped
+    # early (a CPU budget) has one complete set of rows to report
+    for k, seed in enumerate(seeds):
         jobs.append(Job(f"tnlp_s{seed}", "tnlp", "student", epochs=s, lr=a.student_lr,
                         seed=seed, extra=init, study_vocab=False))
-    for arch in ("rnn", "lstm", "cnn"):
-        for seed in seeds[:a.baseline_seeds]:
-            jobs.append(Job(f"{arch}_s{seed}", arch, "student", arch=arch,
-                            preset=f"{a.baseline_prefix}-{arch}", epochs=b, seed=seed))
-    for seed in seeds:
         jobs.append(Job(f"tkd_s{seed}", "tkd", "distill", epochs=s, lr=a.student_lr, seed=seed,
-                        extra=init + aug, study_vocab=False, logits=aug_logits,
-                        int8=seed == seeds[0]))
-    if a.ablation:  # one seed each: what the transfer set and the layer-wise terms add
-        seed = seeds[0]
-        layerwise = init + aug + ("--hidden-loss", "mse")
-        jobs += [Job(f"tkd_noaug_s{seed}", "tkd-noaug", "distill", epochs=s, lr=a.student_lr,
-                     seed=seed, extra=init, study_vocab=False),
-                 Job(f"tkd_hidden_s{seed}", "tkd-hidden", "distill", epochs=s, lr=a.student_lr,
-                     seed=seed, extra=layerwise, study_vocab=False, logits=""),
-                 Job(f"tkd_attn_s{seed}", "tkd-attn", "distill", epochs=s, lr=a.student_lr,
-                     seed=seed, extra=layerwise + ("--attention-loss",), study_vocab=False,
-                     logits="")]
-    for seed in seeds:
-        jobs.append(Job(f"tkd_small_s{seed}", "tkd-small", "distill", preset=a.small_preset,
-                        epochs=b, seed=seed, extra=aug, study_vocab=False, logits=aug_logits))
+                        extra=init + aug, study_vocab=False, logits=aug_logits, int8=k == 0))
+        if k < a.baseline_seeds:
+            jobs += [Job(f"{arch}_s{seed}", arch, "student", arch=arch,
+                         preset=f"{a.baseline_prefix}-{arch}", epochs=b, seed=seed)
+                     for arch in ("rnn", "lstm", "cnn")]
         jobs.append(Job(f"kd_bilstm_s{seed}", "kd-bilstm", "distill", arch="bilstm",
                         preset=f"{a.baseline_prefix}-bilstm", epochs=b, seed=seed, extra=aug,
                         study_vocab=False, logits=aug_logits))
+        jobs.append(Job(f"tkd_small_s{seed}", "tkd-small", "distill", preset=a.small_preset,
+                        epochs=b, seed=seed, extra=aug, study_vocab=False, logits=aug_logits))
+        if a.ablation and k == 0:  # one seed each: what the transfer set and layer-wise add
+            layerwise = init + aug + ("--hidden-loss", "mse")
+            jobs += [Job(f"tkd_noaug_s{seed}", "tkd-noaug", "distill", epochs=s,
+                         lr=a.student_lr, seed=seed, extra=init, study_vocab=False),
+                     Job(f"tkd_hidden_s{seed}", "tkd-hidden", "distill", epochs=s,
+                         lr=a.student_lr, seed=seed, extra=layerwise, study_vocab=False,
+                         logits=""),
+                     Job(f"tkd_attn_s{seed}", "tkd-attn", "distill", epochs=s,
+                         lr=a.student_lr, seed=seed, extra=layerwise + ("--attention-loss",),
+                         study_vocab=False, logits="")]
     return jobs
 
 
