@@ -56,7 +56,7 @@ def load_model(path: str, device=None):
         from . import quantize_model
         from .int8_embedding import quantize_embeddings
         converted = set(ck["int8"]["converted"])
-        quantize_model(model, skip=lambda name, m: name not in converted)
+        quantize_model(model, skip=lambda name, m: name not in converted, min_weights=0)
         tables = set(ck["int8"].get("embeddings", ()))
         quantize_embeddings(model, skip=[n for n, m in model.named_modules()
                                          if isinstance(m, nn.Embedding) and n not in tables])
