@@ -188,7 +188,8 @@ def test_tiny_study_end_to_end_and_resume(tiny_study, reference_backend):
         assert lat[1] > 0 and lat[32] > 0, name
         assert abs(g["throughput"] - 32e3 / lat[32]) < 1e-6 * g["throughput"], name
     assert groups["tkd"]["n"] == 2 and groups["tkd-T2"]["n"] == 2 and groups["rnn"]["n"] == 1
-    assert groups["int8"]["size_int8"] < groups["tkd"]["size_fp32"]  # INT8 Linear weights
+    # quantize_model's size rule keeps these tiny layers float (INT8 would make them slower)
+    assert groups["int8"]["size_int8"] <= groups["tkd"]["size_fp32"]
     assert groups["int8"]["fp32_accuracy"] in groups["tkd"]["accuracies"]
     teacher = next(r for r in saved["runs"] if r["name"] == "teacher")
     assert teacher["config"]["pre_ln"] and teacher["config"]["hidden_size"] == 48
