@@ -149,6 +149,9 @@ def test_errors_name_the_problem(tmp_path):
         tkd_core.patch_hf(model)
 
 
+STEPS = 80
+
+
 def test_training_loop_on_a_patched_model(tmp_path):
     """A plain HF-style loop (AdamW, labels -> out.loss) on a patched model follows the unpatched
     one step for step (dropout 0) and learns a toy task: label = whether token 7 occurs."""
@@ -161,7 +164,7 @@ def test_training_loop_on_a_patched_model(tmp_path):
         opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
         g.manual_seed(0)
         losses[name] = []
-        for _ in range(30):
+        for _ in range(STEPS):
             ids = torch.randint(8, m.config.vocab_size, (16, 8), generator=g)
             y = (torch.rand(16, generator=g) < 0.5).long()
             ids[y == 1, torch.randint(0, 8, (1,), generator=g)] = 7
@@ -171,8 +174,8 @@ def test_training_loop_on_a_patched_model(tmp_path):
             opt.step()
             losses[name].append(loss.item())
     p, r = torch.tensor(losses["patched"]), torch.tensor(losses["reference"])
-    assert rel_err(p, r) <= 1e-3  # 30 AdamW steps amplify fp32 rounding
-    assert p[-5:].mean() < 0.7 * p[:5].mean()  # it learns (from scrambled weights: slowly)
+    assert rel_err(p, r) <= 1e-3  # the AdamW steps amplify fp32 rounding
+    assert p[-10:].mean() < 0.7 * p[:10].mean()  # it learns (from scrambled weights: slowly)
 
 
 @pytest.mark.parametrize("backend", ["reference_backend", "interpreter_backend"])
