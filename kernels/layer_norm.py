@@ -345,18 +345,12 @@ def layer_norm_fwd(x, weight=None, bias=None, eps=1e-5, residual=None):
     b32 = _affine32(bias, N, 0.0, x.device)
     h_out = h if residual is not None else y  # never written without a residual
     cfg = config(N)
-    path = backend(x)
-    if cfg.chunked:
-        ensure_launchable(_layer_norm_fwd_chunked, path)
-        _layer_norm_fwd_chunked[(M,)](
-            x2, r2, w32, b32, y, h_out, mean, rstd, M, N, eps,
-            BLOCK_N=cfg.block_n, HAS_RES=residual is not None, num_warps=cfg.num_warps)
-    else:
-        ensure_launchable(_layer_norm_fwd, path)
-        _layer_norm_fwd[(triton.cdiv(M, cfg.rows),)](
-            x2, r2, w32, b32, y, h_out, mean, rstd, M, N, eps,
-            ROWS=cfg.rows, BLOCK_N=cfg.block_n, HAS_RES=residual is not None,
-            num_warps=cfg.num_warps)
+    # one program per row (chunked: rows too long for registers) or per ROWS-row tile
+    kernel, grid, tile = ((_layer_norm_fwd_chunked, (M,), {}) if cfg.chunked else
+                          (_layer_norm_fwd, (triton.cdiv(M, cfg.rows),), dict(ROWS=cfg.rows)))
+    ensure_launchable(kernel, backend(x))
+    kernel[grid](x2, r2, w32, b32, y, h_out, mean, rstd, M, N, eps, BLOCK_N=cfg.block_n,
+                 HAS_RES=residual is not None, num_warps=cfg.num_warps, **tile)
     return y, h, mean, rstd
 
 
@@ -380,18 +374,12 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh=None):
     width = N if cfg.chunked else cfg.block_n  # the single-tile kernel pads rows to BLOCK_N
     dw_part = empty((P, width), dtype=torch.float32, device=h.device)
     db_part = empty((P, width), dtype=torch.float32, device=h.device)
-    path = backend(h)
-    if cfg.chunked:
-        ensure_launchable(_layer_norm_bwd_chunked, path)
-        _layer_norm_bwd_chunked[(P,)](
-            h2, w32, dy2, dh2, dx, mean, rstd, dw_part, db_part, M, N,
-            BLOCK_N=cfg.block_n, HAS_DH=dh is not None, num_warps=cfg.num_warps)
-    else:
-        ensure_launchable(_layer_norm_bwd, path)
-        _layer_norm_bwd[(P,)](
-            h2, w32, dy2, dh2, dx, mean, rstd, dw_part, db_part, M, N, num_tiles,
-            ROWS=cfg.rows, BLOCK_N=cfg.block_n, HAS_DH=dh is not None,
-            num_warps=cfg.num_warps)
+    # P programs over the rows (chunked: one row at a time) or over ROWS-row tiles
+    kernel, tiles, tile = ((_layer_norm_bwd_chunked, (), {}) if cfg.chunked else
+                           (_layer_norm_bwd, (num_tiles,), dict(ROWS=cfg.rows)))
+    ensure_launchable(kernel, backend(h))
+    kernel[(P,)](h2, w32, dy2, dh2, dx, mean, rstd, dw_part, db_part, M, N, *tiles,
+                 BLOCK_N=cfg.block_n, HAS_DH=dh is not None, num_warps=cfg.num_warps, **tile)
     return dx, dw_part[:, :N].sum(0), db_part[:, :N].sum(0)  # stage 2 of the dw/db reduction
 
 
