@@ -208,3 +208,18 @@ def test_int8_linear_module_behaviour(device):
         assert nb(x).shape == (2, 5, 24)
     with pytest.raises(TypeError, match="from_float expects an nn.Linear"):
         Int8Linear.from_float(torch.nn.Conv1d(3, 3, 1, device=device))
+
+
+def test_int8_linear_deepcopies_after_use():
+    """A used Int8Linear (its CPU plan built) deep-copies: the pipeline's report copies the INT8
+    student (the default run crashed: 'cannot pickle tkd_core._C.LinearPlan')."""
+    import copy
+    from tkd_core.nn import Int8Linear
+    lin = Int8Linear.from_float(torch.nn.Linear(384, 1536))
+    x = torch.randn(7, 384)
+    with torch.no_grad():
+        y = lin(x)
+        c = copy.deepcopy(lin)
+        assert torch.equal(c(x), y)
+        c.weight.zero_()  # the copy's plan is its own: the original is unchanged
+        assert torch.equal(lin(x), y) and not torch.equal(c(x), y)

@@ -499,6 +499,13 @@ class Int8Linear(nn.Module):
             m._cpu_plan()
         return m
 
+    def __getstate__(self):
+        """copy.deepcopy / pickle: the C++ plan holds raw pointers into this module's buffers,
+        so a copy drops it and rebuilds its own on first use."""
+        state = self.__dict__.copy()
+        state.update(_plan=None, _packed_key=None)
+        return state
+
     def _packed_weight(self) -> torch.Tensor:
         """The CPU packed weight, (re)packed when `weight` was loaded, moved or modified, or the
         ISA was forced (set_cpu_isa), since the last pack."""
