@@ -18,7 +18,7 @@ import sys
 import sysconfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = ["bindings.cpp", "int8_gemm_cpu.cpp", "int8_gemm_avx512.cpp"]
+CPU_SOURCES = ["bindings.cpp", "cpu_pool.cpp", "int8_gemm_cpu.cpp", "int8_gemm_avx512.cpp"]
 CUDA_SOURCE = "int8_gemm_cuda.cu"
 DEFAULT_ARCHS = "80;86;89;90a"
 
@@ -96,13 +96,13 @@ def extension_kwargs():
     from pybind11.setup_helpers import Pybind11Extension, build_ext
 
     nvcc, why_not = want_cuda()
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-std=c++17", "-pthread", "-fno-math-errno"]
     ext = Pybind11Extension(
         "tkd_core._C",
         sources=[os.path.relpath(os.path.join(HERE, s)) for s in CPU_SOURCES],
         include_dirs=[HERE],
         extra_compile_args=cxx_flags,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-pthread"],
         cxx_std=17,
     )
     if nvcc:

@@ -18,14 +18,15 @@
 //   packed A: panels of MR = 6 rows; per k group, its rows x G k: Ap[i][kg][r][G], panel i at
 //             offset i * 6 * Kp elements (only the last panel can be short).
 // Blocking and threads: with enough rows, each thread takes whole row blocks (mc rows, ~160 KiB
-// of packed A, L2-resident), packs or quantizes them itself into a private buffer (no barrier, no
-// (M, K) copy of A) and runs them against every B panel, which is reused by mc / 6
-// micro-kernels. With few rows (M < threads * mc), or on one thread while all of packed A is
-// <= 8 MiB, A is prepared once and the B panels are split over threads. The whole K is reduced in
-// registers (no kc blocking), so the epilogue runs on registers: no int32 (M, N) tensor is
-// written when a float output is asked for. Small problems run on fewer threads
-// (`gemm_threads`): a parallel region costs more than it saves below ~1 M MACs per thread.
-// Workspaces (packed A, row buffers) are per thread and kept between calls.
+// of packed A, L2-resident), packs or quantizes them itself into a private buffer (no (M, K)
+// copy of A) and runs them against every B panel, which is reused by mc / 6 micro-kernels. With
+// few rows (M < threads * mc), or on one thread while all of packed A is <= 8 MiB, A is prepared
+// once and the B panels are split over threads. The whole K is reduced in registers (no kc
+// blocking), so the epilogue runs on registers: no int32 (M, N) tensor is written when a float
+// output is asked for. Threads come from our own pool (cpu_pool.h: work items claimed from a
+// counter, no barrier waits for a descheduled thread), not OpenMP; small problems run on fewer
+// threads (`gemm_threads`: ~1 M MACs per thread at least). Workspaces (packed A, row buffers)
+// are per thread and kept between calls.
 //
 // ISA: the AVX2 functions carry __attribute__((target("avx2,fma,f16c"))), the AVX-512 ones live
 // in int8_gemm_avx512.cpp; both are chosen at run time with __builtin_cpu_supports.
@@ -36,10 +37,6 @@
 #include <string>
 #include <vector>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -49,6 +46,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_pool.h"
 #include "int8_gemm_cpu.h"
 #include "int8_gemm_cpu_kernels.h"
 
@@ -518,27 +516,26 @@ void pack_b(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, void*
   const Layout L = layout(isa);
   const int64_t panels = round_up(N, L.nr) / L.nr;
   const int64_t body = round_up(N, L.nr) * round_up(K, L.group) * L.esize;
-#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static)
-  for (int64_t j = 0; j < panels; ++j) {
+  pool::parallel_for(panels, clamp_threads(nthreads), [&](int64_t j) {
     if (isa == kVnni) {
       pack_b_panel_vnni(b, N, K, sn, sk, j, static_cast<int8_t*>(out),
                         reinterpret_cast<int32_t*>(static_cast<uint8_t*>(out) + body));
     } else {
       pack_b_panel_i16(b, N, K, sn, sk, j, static_cast<int16_t*>(out));
     }
-  }
+  });
 }
 
 void quantize_rows(const void* x, int dtype, int64_t M, int64_t K, int64_t sm, int8_t* q,
                    float* scale, int64_t nthreads) {
   const bool avx2 = current_isa() != kScalar && cpu_has_avx2();
-#pragma omp parallel num_threads(clamp_threads(nthreads))
-  {
-    std::vector<float> buf(dtype == 0 ? 0 : K);
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m)
-      scale[m] = quantize_row(x, dtype, sm, m, K, buf.data(), q + m * K, avx2);
-  }
+  constexpr int64_t kRows = 16;  // rows per work item
+  const int64_t T = std::min<int64_t>(clamp_threads(nthreads), 1 + M * K / (int64_t{1} << 16));
+  pool::parallel_for((M + kRows - 1) / kRows, T, [&](int64_t i) {
+    float* buf = scratch(K, K).f.data();
+    for (int64_t m = i * kRows; m < std::min(M, i * kRows + kRows); ++m)
+      scale[m] = quantize_row(x, dtype, sm, m, K, buf, q + m * K, avx2);
+  });
 }
 
 int64_t gemm_threads(int64_t M, int64_t N, int64_t K, int64_t nthreads) {
@@ -567,42 +564,31 @@ static void gemm(const ASource& src, const void* Bp_, int isa, int64_t M, int64_
   // few-rows path) is past 8 MiB, a measured threshold (docs/int8_gemm_cpu.md).
   const bool big_a = M * row_bytes > (int64_t{8} << 20);
   if (M >= T * mc && (T > 1 || big_a)) {
-    // Row split, one parallel region and no barrier: each thread prepares (copies or
-    // quantizes) its own row blocks into an L2-resident buffer and runs them against all of B.
+    // Row split, no barrier: each work item is a row block a thread prepares (copies or
+    // quantizes) into its own L2-resident buffer and runs against all of B.
     const int64_t blocks = (M + mc - 1) / mc;
-#pragma omp parallel num_threads(static_cast<int>(T))
-    {
+    pool::parallel_for(blocks, T, [&](int64_t mb) {
       Scratch& sc = scratch(K, Kp);
       uint8_t* ab = grow(sc.a, mc * row_bytes);
-#pragma omp for schedule(static)
-      for (int64_t mb = 0; mb < blocks; ++mb) {
-        const int64_t r0 = mb * mc, r1 = std::min(M, r0 + mc);
-        prepare_rows(src, isa, M, K, r0, r1, ab, sc);
-        compute_block(isa, ab, r0, r1, 0, N, Bp, Kp, ep);
-      }
-    }
+      const int64_t r0 = mb * mc, r1 = std::min(M, r0 + mc);
+      prepare_rows(src, isa, M, K, r0, r1, ab, sc);
+      compute_block(isa, ab, r0, r1, 0, N, Bp, Kp, ep);
+    });
     return;
   }
-  // Few rows (M < T * mc): prepare all of A once (split over threads, one barrier), then split
+  // Few rows (M < T * mc): prepare all of A once (row panels split over threads), then split
   // the B panels over threads.
   uint8_t* ap = grow(scratch(K, Kp).a, M * row_bytes);  // the calling thread's workspace
   const int64_t a_panels = (M + MR - 1) / MR, b_panels = Np / L.nr;
-  if (T == 1) {
-    Scratch& sc = scratch(K, Kp);
-    prepare_rows(src, isa, M, K, 0, M, ap, sc);
-    compute_block(isa, ap, 0, M, 0, N, Bp, Kp, ep);
-    return;
-  }
-#pragma omp parallel num_threads(static_cast<int>(T))
-  {
-    Scratch& sc = scratch(K, Kp);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < a_panels; ++i)
-      prepare_rows(src, isa, M, K, i * MR, std::min(M, i * MR + MR), ap + i * MR * row_bytes, sc);
-#pragma omp for schedule(static)
-    for (int64_t j = 0; j < b_panels; ++j)
-      compute_block(isa, ap, 0, M, j * L.nr, std::min(N, j * L.nr + L.nr), Bp, Kp, ep);
-  }
+  // a few rows per work item: quantizing a row costs far less than the pool's hand-off
+  const int64_t per_item = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K * MR, 1));
+  pool::parallel_for((a_panels + per_item - 1) / per_item, T, [&](int64_t i) {
+    const int64_t r0 = i * per_item * MR, r1 = std::min(M, r0 + per_item * MR);
+    prepare_rows(src, isa, M, K, r0, r1, ap + r0 * row_bytes, scratch(K, Kp));
+  });
+  pool::parallel_for(b_panels, T, [&](int64_t j) {
+    compute_block(isa, ap, 0, M, j * L.nr, std::min(N, j * L.nr + L.nr), Bp, Kp, ep);
+  });
 }
 
 void gemm_int8(const int8_t* a, int64_t sm, int64_t sk, const void* Bp, int isa, int64_t M,
