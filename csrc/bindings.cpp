@@ -1,10 +1,12 @@
-// pybind11 module tkd_core._C: the INT8 GEMM entry points, called by tkd_core/int8_gemm.py.
+// pybind11 module tkd_core._C: the INT8 GEMM entry points, called by tkd_core/int8_gemm.py, and
+// the CPU encoder ops of tkd_core/infer.py.
 // No torch headers: tensors cross as raw addresses (t.data_ptr(), uintptr_t) plus sizes and
 // strides, validated in Python first. Long-running calls release the GIL.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 
+#include "encoder_cpu.h"
 #include "int8_gemm_cpu.h"
 #ifdef TKD_WITH_CUDA
 #include "int8_gemm_cuda.h"
@@ -49,6 +51,19 @@ PYBIND11_MODULE(_C, m) {
         tkd::linear_plan_run(p, ptr<const void>(x), dtype, sm, M, ptr<float>(out), p.N,
                              nthreads);
       });
+  m.def("attention_fwd", [](uintptr_t qkv, int64_t ld, uintptr_t offsets, int64_t B, int64_t H,
+                            int64_t D, float scale, uintptr_t out, int64_t nthreads) {
+    py::gil_scoped_release nogil;
+    tkd::attention_fwd(ptr<const float>(qkv), ld, ptr<const int64_t>(offsets), B, H, D, scale,
+                       ptr<float>(out), nthreads);
+  });
+  m.def("add_layer_norm", [](uintptr_t x, uintptr_t r, uintptr_t gamma, uintptr_t beta,
+                             float eps, uintptr_t out, int64_t rows, int64_t N,
+                             int64_t nthreads) {
+    py::gil_scoped_release nogil;
+    tkd::add_layer_norm(ptr<const float>(x), ptr<const float>(r), ptr<const float>(gamma),
+                        ptr<const float>(beta), eps, ptr<float>(out), rows, N, nthreads);
+  });
   m.def("activation", [](uintptr_t v, int64_t n, int act, int isa) {
     tkd::activation(ptr<float>(v), n, act, isa);
   });

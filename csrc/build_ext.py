@@ -18,7 +18,8 @@ import sys
 import sysconfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = ["bindings.cpp", "cpu_pool.cpp", "int8_gemm_cpu.cpp", "int8_gemm_avx512.cpp"]
+CPU_SOURCES = ["bindings.cpp", "cpu_pool.cpp", "int8_gemm_cpu.cpp", "int8_gemm_avx512.cpp",
+               "encoder_cpu.cpp"]
 CUDA_SOURCE = "int8_gemm_cuda.cu"
 DEFAULT_ARCHS = "80;86;89;90a"
 

@@ -15,25 +15,14 @@
 // Micro-kernel: 6 x 64 int32 accumulators in 24 zmm; per k quad it loads 4 B vectors,
 // broadcasts one int32 (4 bytes of A) per row and issues 24 vpdpbusd (64 MACs each).
 //
-// Activations: GELU with erf (BERT) uses a rational approximation of erf on [-4, 4] (|error| <
-// 4e-7, clamped outside, where erf is +-1 in float32); the tanh form uses exp (range reduction
-// to [-ln2/2, ln2/2], degree-6 polynomial, vscalefps). NaN propagates: every form multiplies by
-// x last (ReLU keeps a NaN through the operand order of vmaxps).
+// Activations (erf and exp from avx512_math.h): NaN propagates, every form multiplies by x last
+// (ReLU keeps a NaN through the operand order of vmaxps).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
+#include "avx512_math.h"
 #include "int8_gemm_cpu_kernels.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#define TKD_X86 1
-#include <immintrin.h>
-#endif
-
-// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined_* helpers
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace tkd {
 namespace cpu {
@@ -55,55 +44,9 @@ float act_scalar(float v, int act) {
 
 #if TKD_X86
 
-#define TKD_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")))
-
-bool vnni_supported() {
-#if defined(__GNUC__) || defined(__clang__)
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512vnni");
-  return ok;
-#else
-  return false;
-#endif
-}
+bool vnni_supported() { return avx512_supported() && __builtin_cpu_supports("avx512vnni"); }
 
 namespace {
-
-TKD_AVX512 inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-TKD_AVX512 inline __m512 erf512(__m512 a) {
-  const __m512 x = _mm512_min_ps(_mm512_max_ps(a, _mm512_set1_ps(-4.f)), _mm512_set1_ps(4.f));
-  const __m512 x2 = _mm512_mul_ps(x, x);
-  __m512 p = _mm512_set1_ps(-2.72614225801306e-10f);  // odd numerator, in x^2
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.77068142495902e-08f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-2.10102402082508e-06f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-5.69250639462346e-05f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-7.34990630326855e-04f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-2.95459980854025e-03f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-1.60960333262415e-02f));
-  p = _mm512_mul_ps(p, x);
-  __m512 q = _mm512_set1_ps(-1.45660718464996e-05f);  // even denominator
-  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-2.13374055278905e-04f));
-  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-1.68282697438203e-03f));
-  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-7.37332916720468e-03f));
-  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-1.42647390514189e-02f));
-  return _mm512_div_ps(p, q);
-}
 
 TKD_AVX512 inline __m512 act512(__m512 v, int act) {
   const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);

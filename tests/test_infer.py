@@ -55,13 +55,35 @@ VARIANTS = {
 }
 
 
+def left_padded():
+    ids, mask, types = batch(fully_padded=False)
+    mask[0, :2] = False  # a sequence whose first positions are padding
+    return ids, mask, types
+
+
+def paths(lean, monkeypatch):
+    """Count the batches InferenceModel runs on packed tokens."""
+    calls = []
+    packed = lean.forward_packed
+    monkeypatch.setattr(lean, "forward_packed", lambda *a: calls.append(1) or packed(*a))
+    return calls
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @torch.no_grad()
-def test_fp32_equals_the_model(variant):
+def test_fp32_equals_the_model(variant, monkeypatch):
     model = model_of(**VARIANTS[variant])
     lean = InferenceModel(model)
-    for args in (batch(), batch()[:2], batch()[:1]):  # with types, mask only, neither
-        assert_close(lean(*args), model(*args), 1e-5, variant)
+    packed = paths(lean, monkeypatch)
+    cases = {"padded, one sequence all padding": (batch(), False),  # the padded path
+             "padded": (batch(fully_padded=False), True),            # real tokens only
+             "mask only": (batch(fully_padded=False)[:2], True),
+             "no mask, no types": (batch()[:1], True),
+             "first positions padded": (left_padded(), VARIANTS[variant].get("pooling") == "mean")}
+    for what, (args, expect_packed) in cases.items():
+        n = len(packed)
+        assert_close(lean(*args), model(*args), 1e-5, f"{variant}, {what}")
+        assert len(packed) - n == expect_packed, f"{variant}, {what}: path"
 
 
 @pytest.mark.parametrize("variant", ["post-ln", "pre-ln", "gelu-tanh", "relu-ffn"])
@@ -111,6 +133,57 @@ def test_rejects_other_architectures_and_long_inputs():
     lean = InferenceModel(model_of())
     with pytest.raises(ValueError, match="max_positions"):
         lean(torch.randint(5, VOCAB, (1, 65)))
+
+
+# ------------------------------------------------------------------------------ encoder ops
+
+def attention_packed_ref(qkv, lens, H, D):
+    """float64 softmax(Q K^T / sqrt(D)) V per sequence and head, packed (T, H * D)."""
+    q64 = qkv.double().view(-1, 3, H, D)
+    out, t0 = torch.zeros(q64.shape[0], H * D, dtype=torch.float64), 0
+    for n in lens:
+        q, k, v = (q64[t0:t0 + n, i].transpose(0, 1) for i in range(3))  # (H, n, D)
+        p = torch.softmax(q @ k.transpose(-1, -2) / D ** 0.5, -1)
+        out[t0:t0 + n] = (p @ v).transpose(0, 1).reshape(n, H * D)
+        t0 += n
+    return out
+
+
+@pytest.mark.parametrize("lens,H,D", [([64], 12, 32), ([1, 7, 257, 3], 2, 7), ([17, 0, 33], 3, 64),
+                                      ([4099], 1, 7), ([5, 100], 1, 100), ([1], 1, 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_attention_against_float64(lens, H, D, threads):
+    """The extension's attention over packed sequences (lengths 0 and 1 included, D not a
+    multiple of 16, a query count not a multiple of the 4-row step)."""
+    from tkd_core.infer import _attention_packed
+    torch.manual_seed(0)
+    qkv = torch.randn(sum(lens), 3 * H * D) * 2
+    offsets = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.long)
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = _attention_packed(qkv, offsets, H)
+    finally:
+        torch.set_num_threads(n)
+    # fp32 accumulation over D products and n exponentials
+    assert_close(out, attention_packed_ref(qkv, lens, H, D), 4e-6, f"attention {lens} H={H}")
+
+
+@pytest.mark.parametrize("rows,N", [(1, 1), (7, 257), (257, 7), (3, 4099)])
+def test_add_layer_norm_against_float64(rows, N):
+    from tkd_core.infer import _add_ln
+    torch.manual_seed(0)
+    x, r = torch.randn(rows, N) * 3 + 5, torch.randn(rows, N)
+    p = (torch.randn(N), torch.randn(N), 1e-5)
+    h = x.double() + r.double()
+    ref = (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    ref = ref * p[0].double() + p[1].double()
+    assert_close(_add_ln(x, r, p), ref, 1e-5, "add + LayerNorm")
+    assert_close(_add_ln(x.clone(), None, p), torch.nn.functional.layer_norm(
+        x.double(), (N,), p[0].double(), p[1].double(), 1e-5), 1e-5, "LayerNorm")
+    y = x.clone()
+    _add_ln(y, r, p, out=y)  # in place, as the packed forward uses it
+    assert_close(y, ref, 1e-5, "in place")
 
 
 # ------------------------------------------------------------------------------ torch.compile

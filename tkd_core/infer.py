@@ -15,13 +15,26 @@ equal to fp32 rounding; `model` is read, not modified, and must not change after
   for every Linear that `int8_pays` (quantize_model's size rule), fp32 for the others.
 - The FFN activation is fused into the up projection (oneDNN post-op, or the INT8 epilogue),
   and the pooler's tanh / ReLU into the pooler (fp32).
-- One flat forward, no per-op validation: LayerNorm is torch's, attention is
-  `tkd_core.ops.attention` (SDPA on CPU, padded keys masked, a sequence with no real token
-  gives zero rows, as in the model).
+- Padding is removed: the real tokens of the batch are packed into one (T, hidden) matrix
+  after the embeddings (T = the real token count: a padded SST-2 batch is about half padding),
+  every Linear and LayerNorm runs on those T rows only, and attention runs per sequence on its
+  own tokens (tkd_core._C.attention_fwd: per (sequence, head) work items, AVX-512 where the
+  CPU has it; no mask, no S x S matrix kept), straight from the fused QKV projection into the
+  layout the output projection reads. The residual add is fused into each LayerNorm
+  (_C.add_layer_norm). The head reads each sequence's first token (cls) or its token mean.
+  Batches this cannot express (a sequence without any real token, or cls pooling over a first
+  position that is padding) take the padded path below, as does torch.compile.
+- One flat forward, no per-op validation. The padded path (torch.compile, the rare batches
+  above, CPUs / builds without the extension): torch's LayerNorm, `tkd_core.ops.attention`
+  (SDPA on CPU, padded keys masked, a sequence with no real token gives zero rows, as in the
+  model).
 Inference only: no dropout, no gradients, no hidden_states / attentions outputs.
 
-Threads: every kernel uses torch.get_num_threads(). Our INT8 GEMM runs a small problem on
-fewer threads (about 1 M multiply-adds per thread at least).
+Threads: torch.get_num_threads(). Our kernels (INT8 GEMM, attention, add + LayerNorm) run on
+our own pool (work items claimed from a counter, never waiting for a thread the OS has not
+run: on a busy machine an OpenMP team stalls at every fork and join), and small problems on
+fewer threads (about 1 M multiply-adds per thread at least). oneDNN's fp32 linears use torch's
+OpenMP threads.
 """
 from typing import Optional
 
@@ -29,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import int8_gemm, ops
 from .int8_gemm import Int8Linear, activation_code, activation_ref, int8_pays
 
 _HIDDEN_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -100,6 +113,12 @@ def _act(y, activation):
     return activation_ref(y, activation_code(activation))
 
 
+def _ln_params(ln):
+    """(weight, bias, eps) of a LayerNorm: float32 contiguous copies (the kernels read them)."""
+    return (ln.weight.detach().float().contiguous().clone(),
+            ln.bias.detach().float().contiguous().clone(), float(ln.eps))
+
+
 class _Layer(nn.Module):
     def __init__(self, layer, act, int8, min_weights):
         super().__init__()
@@ -108,8 +127,7 @@ class _Layer(nn.Module):
         self.out, _ = _linear(layer.attn.out, None, int8, min_weights)
         self.up, self.up_act = _linear(layer.ffn.up, act, int8, min_weights)
         self.down, _ = _linear(layer.ffn.down, None, int8, min_weights)
-        self.ln1 = (layer.ln1.weight.detach(), layer.ln1.bias.detach(), layer.ln1.eps)
-        self.ln2 = (layer.ln2.weight.detach(), layer.ln2.bias.detach(), layer.ln2.eps)
+        self.ln1, self.ln2 = _ln_params(layer.ln1), _ln_params(layer.ln2)
 
     def attention(self, x, mask):
         B, S, hidden = x.shape
@@ -124,6 +142,27 @@ class _Layer(nn.Module):
 
 def _ln(x, p):
     return F.layer_norm(x, x.shape[-1:], p[0], p[1], p[2])
+
+
+def _add_ln(x, r, p, out=None):
+    """LayerNorm(x + r) of (T, N) float32 rows through the extension (r may be None; out may be
+    x itself)."""
+    out = torch.empty_like(x) if out is None else out
+    int8_gemm._ext().add_layer_norm(x.data_ptr(), r.data_ptr() if r is not None else 0,
+                                    p[0].data_ptr(), p[1].data_ptr(), p[2], out.data_ptr(),
+                                    x.shape[0], x.shape[1], int8_gemm._threads())
+    return out
+
+
+def _attention_packed(qkv, offsets, num_heads):
+    """(T, 3 hidden) fused projections of packed sequences -> (T, hidden) attention outputs."""
+    T, hidden = qkv.shape[0], qkv.shape[1] // 3
+    D = hidden // num_heads
+    out = torch.empty(T, hidden)
+    int8_gemm._ext().attention_fwd(qkv.data_ptr(), qkv.stride(0), offsets.data_ptr(),
+                                   offsets.shape[0] - 1, num_heads, D, D ** -0.5,
+                                   out.data_ptr(), int8_gemm._threads())
+    return out
 
 
 class InferenceModel(nn.Module):
@@ -148,12 +187,11 @@ class InferenceModel(nn.Module):
         self.token_type = emb.token_type.weight.detach() if emb.token_type is not None else None
         self.position = (emb.position.weight.detach() if emb.position is not None
                          else emb.sinusoid)
-        self.emb_ln = (emb.ln.weight.detach(), emb.ln.bias.detach(), emb.ln.eps)
+        self.emb_ln = _ln_params(emb.ln)
         act = _HIDDEN_ACT[cfg.hidden_act]
         self.layers = nn.ModuleList(_Layer(layer, act, int8, min_weights)
                                     for layer in model.layers)
-        self.final_ln = ((model.final_ln.weight.detach(), model.final_ln.bias.detach(),
-                          model.final_ln.eps) if model.final_ln is not None else None)
+        self.final_ln = _ln_params(model.final_ln) if model.final_ln is not None else None
         self.pooler, self.pooler_act = _linear(model.pooler, cfg.pooler_activation, int8,
                                                min_weights)
         self.classifier, _ = _linear(model.classifier, None, False, None)
@@ -174,6 +212,8 @@ class InferenceModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         mask = attention_mask.bool() if attention_mask is not None else None  # (B, S)
         x = self.embed(input_ids, token_type_ids)
+        if not torch.compiler.is_compiling() and self._can_pack(x, mask):
+            return self.forward_packed(x, mask)
         if self.final_ln is None:  # post-LN (BERT)
             for layer in self.layers:
                 x = _ln(layer.attention(x, mask) + x, layer.ln1)
@@ -187,6 +227,49 @@ class InferenceModel(nn.Module):
                 h = h + layer.ffn(_ln(h, layer.ln2))
             y = _ln(h, self.final_ln)
         return self.head(y, mask)
+
+    def _can_pack(self, x, mask) -> bool:
+        """The packed path takes the batch: our extension, float32 CPU, every sequence with a
+        real token, and (cls pooling) every first position real."""
+        if x.is_cuda or x.dtype != torch.float32 or int8_gemm._C is None:
+            return False
+        if mask is None:
+            return True
+        return bool(mask.any(1).all()) and (self.config.pooling == "mean"
+                                            or bool(mask[:, 0].all()))
+
+    def forward_packed(self, x, mask):
+        """The forward on the real tokens only (see the module docstring)."""
+        B, S, hidden = x.shape
+        if mask is None or bool(mask.all()):
+            tokens = x.reshape(B * S, hidden)  # (T, hidden)
+            lens = torch.full((B,), S, dtype=torch.long)
+        else:
+            tokens = x.reshape(B * S, hidden).index_select(0, mask.reshape(-1).nonzero()[:, 0])
+            lens = mask.sum(1)
+        offsets = torch.zeros(B + 1, dtype=torch.long)
+        torch.cumsum(lens, 0, out=offsets[1:])
+        if self.final_ln is None:  # post-LN
+            for layer in self.layers:
+                a = layer.out(_attention_packed(layer.qkv(tokens), offsets, layer.num_heads))
+                tokens = _add_ln(a, tokens, layer.ln1, out=a)
+                f = layer.down(_act(layer.up(tokens), layer.up_act))
+                tokens = _add_ln(f, tokens, layer.ln2, out=f)
+            y = tokens
+        else:  # pre-LN
+            h = tokens
+            for layer in self.layers:
+                n = _add_ln(h, None, layer.ln1)
+                h = layer.out(_attention_packed(layer.qkv(n), offsets, layer.num_heads)).add_(h)
+                n = _add_ln(h, None, layer.ln2)
+                h = layer.down(_act(layer.up(n), layer.up_act)).add_(h)
+            y = _add_ln(h, None, self.final_ln)
+        if self.config.pooling == "mean":
+            seg = torch.repeat_interleave(torch.arange(B), lens)  # (T,) sequence of each token
+            x0 = torch.zeros(B, hidden).index_add_(0, seg, y) / lens[:, None].float()
+        else:
+            x0 = y.index_select(0, offsets[:-1])  # each sequence's first token: [CLS]
+        return self.classifier(_act(self.pooler(x0), self.pooler_act))
 
     def head(self, x, mask):
         """(B, S, hidden) final states -> (B, num_labels) logits."""
