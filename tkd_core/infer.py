@@ -33,8 +33,9 @@ Inference only: no dropout, no gradients, no hidden_states / attentions outputs.
 Threads: torch.get_num_threads(). Our kernels (INT8 GEMM, attention, add + LayerNorm) run on
 our own pool (work items claimed from a counter, never waiting for a thread the OS has not
 run: on a busy machine an OpenMP team stalls at every fork and join), and small problems on
-fewer threads (about 1 M multiply-adds per thread at least). oneDNN's fp32 linears use torch's
-OpenMP threads.
+fewer threads (about 1 M multiply-adds per thread at least). With int8=True torch's own ops
+left on the packed path (the embedding gather, the float head) run on 1 thread for the call,
+so no OpenMP team is involved at all; fp32 linears are oneDNN's, on torch's OpenMP threads.
 """
 from typing import Optional
 
@@ -196,12 +197,16 @@ class InferenceModel(nn.Module):
                                                min_weights)
         self.classifier, _ = _linear(model.classifier, None, False, None)
 
-    def embed(self, input_ids, token_type_ids):
-        S, off = input_ids.shape[1], self.config.position_offset
+    def _check_length(self, S):
+        off = self.config.position_offset
         if S + off > self.position.shape[0]:
             raise ValueError(f"sequence length {S} exceeds max_positions "
                              f"{self.position.shape[0]}" + (f" - position_offset {off}"
                                                             if off else ""))
+
+    def embed(self, input_ids, token_type_ids):
+        S, off = input_ids.shape[1], self.config.position_offset
+        self._check_length(S)
         x = F.embedding(input_ids, self.word)
         if self.token_type is not None:
             x = x + (F.embedding(token_type_ids, self.token_type) if token_type_ids is not None
@@ -211,9 +216,9 @@ class InferenceModel(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         mask = attention_mask.bool() if attention_mask is not None else None  # (B, S)
+        if not torch.compiler.is_compiling() and self._can_pack(input_ids, mask):
+            return self.forward_packed(input_ids, mask, token_type_ids)
         x = self.embed(input_ids, token_type_ids)
-        if not torch.compiler.is_compiling() and self._can_pack(x, mask):
-            return self.forward_packed(x, mask)
         if self.final_ln is None:  # post-LN (BERT)
             for layer in self.layers:
                 x = _ln(layer.attention(x, mask) + x, layer.ln1)
@@ -228,27 +233,52 @@ class InferenceModel(nn.Module):
             y = _ln(h, self.final_ln)
         return self.head(y, mask)
 
-    def _can_pack(self, x, mask) -> bool:
-        """The packed path takes the batch: our extension, float32 CPU, every sequence with a
-        real token, and (cls pooling) every first position real."""
-        if x.is_cuda or x.dtype != torch.float32 or int8_gemm._C is None:
+    def _can_pack(self, input_ids, mask) -> bool:
+        """The packed path takes the batch: our extension, float32 CPU weights, every sequence
+        with a real token, and (cls pooling) every first position real."""
+        if input_ids.is_cuda or self.word.dtype != torch.float32 or int8_gemm._C is None:
             return False
         if mask is None:
             return True
         return bool(mask.any(1).all()) and (self.config.pooling == "mean"
                                             or bool(mask[:, 0].all()))
 
-    def forward_packed(self, x, mask):
-        """The forward on the real tokens only (see the module docstring)."""
-        B, S, hidden = x.shape
+    def forward_packed(self, input_ids, mask, token_type_ids=None):
+        """The forward on the real tokens only (see the module docstring). INT8: our kernels on
+        torch.get_num_threads() threads of their pool, torch's remaining small ops (the
+        embedding gather, the float head) on 1 thread meanwhile, so that no OpenMP team is ever
+        waited for."""
+        if not self.int8:
+            return self._packed(input_ids, mask, token_type_ids)
+        threads = torch.get_num_threads()
+        with int8_gemm.kernel_threads(threads):
+            torch.set_num_threads(1)
+            try:
+                return self._packed(input_ids, mask, token_type_ids)
+            finally:
+                torch.set_num_threads(threads)
+
+    def _packed(self, input_ids, mask, token_type_ids):
+        B, S = input_ids.shape
+        self._check_length(S)
+        off = self.config.position_offset
+        pos = torch.arange(off, off + S).repeat(B)  # (B * S,) position of every token
+        ids, types = input_ids.reshape(-1), token_type_ids
         if mask is None or bool(mask.all()):
-            tokens = x.reshape(B * S, hidden)  # (T, hidden)
             lens = torch.full((B,), S, dtype=torch.long)
-        else:
-            tokens = x.reshape(B * S, hidden).index_select(0, mask.reshape(-1).nonzero()[:, 0])
+        else:  # the real tokens only, in order
+            keep = mask.reshape(-1).nonzero()[:, 0]
+            ids, pos = ids.index_select(0, keep), pos.index_select(0, keep)
+            types = types.reshape(-1).index_select(0, keep) if types is not None else None
             lens = mask.sum(1)
         offsets = torch.zeros(B + 1, dtype=torch.long)
         torch.cumsum(lens, 0, out=offsets[1:])
+        x = F.embedding(ids, self.word)  # (T, hidden)
+        if self.token_type is not None:
+            x += (F.embedding(types.reshape(-1), self.token_type) if types is not None
+                  else self.token_type[0])
+        tokens = _add_ln(x, F.embedding(pos, self.position), self.emb_ln, out=x)
+        hidden = tokens.shape[1]
         if self.final_ln is None:  # post-LN
             for layer in self.layers:
                 a = layer.out(_attention_packed(layer.qkv(tokens), offsets, layer.num_heads))

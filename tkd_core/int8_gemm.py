@@ -20,21 +20,24 @@ the epilogue makes every output of that row NaN (nn.Linear gives NaN or +-inf th
 token never turns into finite numbers. The C++ quantizer (AVX2 and scalar), the torch reference
 (which the CUDA path uses) and the CUDA GEMM's epilogue all do this.
 
-Dispatch. CPU tensors run our C++ kernel (AVX2 with vpmaddwd on widened int16 operands, exact,
-chosen at run time; portable scalar fallback: `cpu_isa()`), which IS the fast CPU path of this op.
+Dispatch. CPU tensors run our C++ kernel, exact, chosen at run time (`cpu_isa()`): AVX-512 VNNI
+(vpdpbusd on a + 128 with a per-column correction), else AVX2 (vpmaddwd on widened int16
+operands), else portable scalar code; it IS the fast CPU path of this op.
 CUDA tensors run the tensor-core kernel (mma.sync m16n8k32 s8, cp.async pipeline) when
 `tkd_core._C` was built with CUDA, else a clear error. The TRITON_INTERPRET rule of the other ops
 does not apply here: this op has no Triton kernel.
 
-Weights are widened and packed once (`pack_weight`); activations are packed per call inside the
-kernel call, and for `tkd_core.nn.Int8Linear` quantized per token there too (one read of x,
-`quantized_linear_cpu`). Threads: `torch.get_num_threads()`.
+Weights are packed once (`pack_weight`, the layout of the ISA in use); activations are packed
+per call inside the kernel call, and for `tkd_core.nn.Int8Linear` quantized per token there too
+(one read of x, `quantized_linear_cpu`). Threads: `torch.get_num_threads()` (or
+`kernel_threads(n)`), on the extension's own pool, not OpenMP (csrc/cpu_pool.h).
 
 This file is the op's one Python home, read top to bottom: the extension (the kernels live in
 csrc/), the launchers, the torch.library registration, the public ops, their torch references,
 then what is built on them: `Int8Linear` (the drop-in module, re-exported by `tkd_core.nn`)
 and `quantize_model` (swaps a model's nn.Linear layers for it, re-exported by `tkd_core`).
 """
+import contextlib
 import dataclasses
 import fnmatch
 from typing import Callable, Iterable, List, Optional, Tuple, Union
@@ -111,8 +114,24 @@ def _isa_code(t: torch.Tensor) -> int:
     return -1 if t.is_cuda else _ext().cpu_isa_code()
 
 
+_KERNEL_THREADS: Optional[int] = None  # set by kernel_threads(); None: torch's thread count
+
+
 def _threads() -> int:
-    return max(1, torch.get_num_threads())
+    return _KERNEL_THREADS or max(1, torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def kernel_threads(n: int):
+    """Within the block our CPU kernels (INT8 GEMM, quantizer, tkd_core.infer's encoder ops) run
+    on n threads of their own pool, whatever torch.get_num_threads() says (tkd_core.infer runs
+    torch's remaining small ops on 1 thread meanwhile: OpenMP stalls on a busy machine)."""
+    global _KERNEL_THREADS
+    old, _KERNEL_THREADS = _KERNEL_THREADS, max(1, int(n))
+    try:
+        yield
+    finally:
+        _KERNEL_THREADS = old
 
 
 # ---------------------------------------------------------------------------------------------
