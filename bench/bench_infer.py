@@ -353,18 +353,21 @@ def _plot(rows, path):
         print("infer: no plot (matplotlib not installed)")
         return
     groups = sorted({(r["model"], r["threads"]) for r in rows if not r["padded"]})
+    provs = list(dict.fromkeys(r["provider"] for r in rows))
+    color = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(provs)}  # one per provider
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), squeeze=False)
     for ax, (model, threads) in zip(axes[0], groups):
         sel = [r for r in rows if (r["model"], r["threads"]) == (model, threads)
                and not r["padded"] and r["seq"] == 64]
         for prov in dict.fromkeys(r["provider"] for r in sel):
             pts = sorted((r["batch"], r["ms"]) for r in sel if r["provider"] == prov)
-            ax.plot(*zip(*pts), marker="o", label=prov,
+            ax.plot(*zip(*pts), marker="o", label=prov, color=color[prov],
                     linestyle="-" if prov.startswith("tkd") else "--")
         ax.set(xscale="log", yscale="log", xlabel="batch (S = 64)", ylabel="ms",
                title=f"{model}, {threads} thread{'s' if threads > 1 else ''}")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {os.path.relpath(path)}")
