@@ -25,7 +25,8 @@ setup(
                 "Transformer knowledge distillation (TKD-NLP) on GLUE",
     python_requires=">=3.9",
     # bench/ runs from the source tree (`python -m bench`); it is not installed.
-    packages=["tkd_core", "tkd_core.models", "tkd_core.study", "tkd_core.kernels"],
+    packages=["tkd_core", "tkd_core.int8", "tkd_core.models", "tkd_core.study",
+              "tkd_core.kernels"],
     package_dir={"tkd_core": "tkd_core", "tkd_core.kernels": "kernels"},
     # the default job (`python -m tkd_core.train`) needs these; the study and GLUE through the
     # hub need the extras; `transformers` is a test and bench dependency only

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from bench.harness import Case, Provider, run_cases
-from tkd_core import int8_gemm as G
+from tkd_core import int8 as G
 from tkd_core.nn import Int8Linear
 
 SHAPES = [(4096, 768, 768), (4096, 768, 3072), (4096, 3072, 768),

@@ -159,7 +159,7 @@ def _cmd_output(cmd, timeout=30) -> Optional[str]:
 def _ext_has_cuda() -> Optional[bool]:
     """Whether tkd_core._C has its CUDA part, asked in a child (this process never imports
     tkd_core: a rebuild would replace the extension under it)."""
-    out = _cmd_output([sys.executable, "-c", "import tkd_core.int8_gemm as g; "
+    out = _cmd_output([sys.executable, "-c", "import tkd_core.int8 as g; "
                        "print(g.cuda_built())"], timeout=120)
     return {"True": True, "False": False}.get((out or "").splitlines()[-1] if out else "")
 

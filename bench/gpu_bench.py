@@ -252,7 +252,7 @@ def cases_attention(device, size) -> Iterator[dict]:
 
 
 def cases_int8_gemm(device, size) -> Iterator[dict]:
-    from tkd_core import int8_gemm as G
+    from tkd_core import int8 as G
     for M in INT8_M[size]:
         for K, N in BERT_KN if size != "smoke" else ((32, 32),):
             a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=device)

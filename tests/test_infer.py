@@ -10,7 +10,7 @@ import torch
 from helpers import assert_close, sqnr_db
 
 import tkd_core
-from tkd_core import int8_gemm as G
+from tkd_core import int8 as G
 from tkd_core.infer import FloatLinear, InferenceModel
 from tkd_core.model import ModelConfig, build_model
 from tkd_core.nn import Int8Linear

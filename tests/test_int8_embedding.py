@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from tkd_core.int8_embedding import Int8Embedding, quantize_embeddings
+from tkd_core.int8 import Int8Embedding, quantize_embeddings
 
 
 @pytest.mark.parametrize("V, D", [(1, 1), (7, 3), (257, 64), (4099, 7)])

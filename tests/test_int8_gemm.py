@@ -18,7 +18,7 @@ import torch
 from helpers import assert_close, sqnr_db
 
 import tkd_core
-from tkd_core import int8_gemm as G
+from tkd_core import int8 as G
 from tkd_core.nn import Int8Linear
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import assert_close, sqnr_db, sum_tol
 
 import tkd_core
-from tkd_core import int8_gemm as G
+from tkd_core import int8 as G
 from tkd_core.nn import Int8Linear
 
 IGNORE = -100

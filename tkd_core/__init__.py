@@ -6,7 +6,7 @@
     tkd_core.patch_hf(hf_bert)                            # our ops inside a transformers model
 """
 from . import ops, nn  # noqa: F401
-from .int8_gemm import QuantizeReport, quantize_model  # noqa: F401
+from .int8 import QuantizeReport, quantize_model  # noqa: F401
 from .hf import patch_hf, unpatch_hf  # noqa: F401
 
 __version__ = "0.1.0"

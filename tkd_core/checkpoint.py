@@ -54,7 +54,7 @@ def load_model(path: str, device=None):
     model = build_model(ModelConfig.from_dict(ck["config"]))
     if ck.get("int8"):  # an INT8 model: the same layers quantized before its weights load
         from . import quantize_model
-        from .int8_embedding import quantize_embeddings
+        from .int8 import quantize_embeddings
         converted = set(ck["int8"]["converted"])
         quantize_model(model, skip=lambda name, m: name not in converted, min_weights=0)
         tables = set(ck["int8"].get("embeddings", ()))

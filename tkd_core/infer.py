@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import int8_gemm, ops
-from .int8_gemm import Int8Linear, activation_code, activation_ref, int8_pays
+from . import ops
+from .int8 import gemm as int8_gemm
+from .int8 import Int8Linear, activation_code, activation_ref, int8_pays
 
 _HIDDEN_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "relu": "relu"}

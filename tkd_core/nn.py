@@ -82,5 +82,5 @@ class MultiHeadAttention(nn.Module):
 
 
 # Int8Linear (inference-only dynamic INT8 drop-in for nn.Linear) lives with its op in
-# tkd_core/int8_gemm.py, next to quantize_model; re-exported here with the other modules.
-from .int8_gemm import Int8Linear  # noqa: E402,F401
+# tkd_core/int8/linear.py, next to quantize_model; re-exported here with the other modules.
+from .int8 import Int8Linear  # noqa: E402,F401

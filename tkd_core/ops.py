@@ -11,4 +11,4 @@ from .kernels.utils import backend  # noqa: F401
 from .kernels.layer_norm import layer_norm  # noqa: F401
 from .kernels.kd_loss import kd_loss  # noqa: F401
 from .kernels.attention import attention  # noqa: F401
-from .int8_gemm import int8_gemm, quantize_per_token  # noqa: F401
+from .int8 import int8_gemm, quantize_per_token  # noqa: F401

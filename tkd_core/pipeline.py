@@ -76,7 +76,7 @@ PRETRAINED = {"teacher": dict(epochs=1, lr=1e-4, batch_size=32, group_by_length=
 def pretrained_pipeline(args) -> int:
     from . import quantize_model
     from .checkpoint import save_int8
-    from .int8_embedding import quantize_embeddings
+    from .int8 import quantize_embeddings
     from .train import train
     from .warmstart import load_teacher
     root = _root(args)

@@ -35,7 +35,7 @@ def int8_copy(model, embeddings: bool = False):
     try:  # the pooler and classifier stay float: tiny, and the logits' precision matters most
         quantize_model(q, skip=("pooler", "classifier"))
         if embeddings:
-            from ..int8_embedding import quantize_embeddings
+            from ..int8 import quantize_embeddings
             quantize_embeddings(q)
     except Exception as e:  # an architecture the INT8 path cannot take
         return None, f"{type(e).__name__}: {e}"
