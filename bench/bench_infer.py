@@ -287,7 +287,7 @@ def main(device, quick=False):
 
 def _run(device, quick):
     from tkd_core import hf
-    from tkd_core.model import ModelConfig, build_model
+    from tkd_core.models import ModelConfig, build_model
     batches, seqs = ((1, 32), (64,)) if quick else (BATCHES, SEQS)
     rows, notes = [], []
     print(f"infer: load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "

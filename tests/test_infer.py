@@ -12,7 +12,7 @@ from helpers import assert_close, sqnr_db
 import tkd_core
 from tkd_core import int8 as G
 from tkd_core.infer import FloatLinear, InferenceModel
-from tkd_core.model import ModelConfig, build_model
+from tkd_core.models import ModelConfig, build_model
 from tkd_core.nn import Int8Linear
 
 VOCAB = 97

@@ -416,7 +416,7 @@ def test_quantize_model_size_rule():
     assert G.int8_pays(384, 1536) and G.int8_pays(1, 1, min_weights=0)
     # the default run's 2-layer student (hidden 64, FFN 256): the FFN converts, the attention
     # projections (64 x 192, 64 x 64) stay float
-    from tkd_core.model import ModelConfig, build_model
+    from tkd_core.models import ModelConfig, build_model
     student = build_model(ModelConfig.preset("cpu-student-2", vocab_size=100))
     rep = tkd_core.quantize_model(student, skip=("pooler", "classifier"))
     assert [n for n, _, _ in rep.converted] == [f"layers.{i}.ffn.{p}" for i in (0, 1)

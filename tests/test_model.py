@@ -297,15 +297,3 @@ def test_output_flags_leave_the_logits_alone(pre_ln):
     (out.hidden_states[1].square().sum() + out.attentions[-1].square().sum()).backward()
     assert model.layers[0].ffn.up.weight.grad.abs().sum() > 0  # hidden_states[1] = layer 0 out
     assert model.layers[-1].attn.qkv.weight.grad.abs().sum() > 0  # from the probabilities
-
-
-def test_old_import_path_still_works():
-    """tkd_core.model is a shim over tkd_core.models / measure / checkpoint (train, study and
-    bench import it until they move)."""
-    from tkd_core import checkpoint, measure
-    from tkd_core import model as old
-    assert old.build_model is M.build_model and old.ModelConfig is M.ModelConfig
-    assert old.ARCHS is M.ARCHS and old.PRESETS is M.PRESETS
-    assert (old.median_ms, old.param_count, old.size_bytes) == (
-        measure.median_ms, measure.param_count, measure.size_bytes)
-    assert (old.unwrap, old.clean_state_dict) == (checkpoint.unwrap, checkpoint.clean_state_dict)
