@@ -6,8 +6,9 @@ import torch
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|out - ref| / max|ref| (max|out - ref| when ref is all zeros), in float64."""
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """max|out - ref| / max(max|ref|, floor) (max|out - ref| when both are zero), in float64.
+    floor: the scale below which a reference value is a cancellation, not a magnitude."""
     out, ref = out.detach().double(), ref.detach().double()
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     if out.numel() == 0:
@@ -15,12 +16,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
     diff = (out - ref).abs().max().item()
-    scale = ref.abs().max().item()
+    scale = max(ref.abs().max().item(), floor)
     return diff / scale if scale > 0 else diff
 
 
-def assert_close(out, ref, tol, what=""):
-    e = rel_err(out, ref)
+def assert_close(out, ref, tol, what="", floor=0.0):
+    e = rel_err(out, ref, floor)
     assert e <= tol, f"{what}: relative error {e:.3e} > tolerance {tol:.1e}"
 
 
