@@ -139,16 +139,15 @@ def make_pretrained_plan(a) -> List[Job]:
                         study_vocab=False, logits=aug_logits))
         jobs.append(Job(f"tkd_small_s{seed}", "tkd-small", "distill", preset=a.small_preset,
                         epochs=b, seed=seed, extra=aug, study_vocab=False, logits=aug_logits))
-        if a.ablation and k == 0:  # one seed each: what the transfer set and layer-wise add
+        if k == 0:  # one seed each: what the transfer set and the layer-wise terms add
             layerwise = init + aug + ("--hidden-loss", "mse")
-            jobs += [Job(f"tkd_noaug_s{seed}", "tkd-noaug", "distill", epochs=s,
-                         lr=a.student_lr, seed=seed, extra=init, study_vocab=False),
-                     Job(f"tkd_hidden_s{seed}", "tkd-hidden", "distill", epochs=s,
-                         lr=a.student_lr, seed=seed, extra=layerwise, study_vocab=False,
-                         logits=""),
-                     Job(f"tkd_attn_s{seed}", "tkd-attn", "distill", epochs=s,
-                         lr=a.student_lr, seed=seed, extra=layerwise + ("--attention-loss",),
-                         study_vocab=False, logits="")]
+            for name, extra, logits in (("noaug", init, "train_logits.pt"),
+                                        ("hidden", layerwise, ""),
+                                        ("attn", layerwise + ("--attention-loss",), "")):
+                if name in a.ablations:
+                    jobs.append(Job(f"tkd_{name}_s{seed}", f"tkd-{name}", "distill", epochs=s,
+                                    lr=a.student_lr, seed=seed, extra=extra,
+                                    study_vocab=False, logits=logits))
     return jobs
 
 

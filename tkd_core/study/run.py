@@ -77,8 +77,9 @@ def parse_args(argv=None):
       "students' learning rate")
     a("--small-preset", default="cpu-student-4", help="--pretrained: TKD-NLP-small's preset")
     a("--augment", type=int, default=1, help="--pretrained: transfer-set copies per example")
-    a("--ablation", action=argparse.BooleanOptionalAction, default=True, help="--pretrained: "
-      "one seed each without the transfer set, with hidden MSE, with hidden + attention")
+    a("--ablations", nargs="*", default=["noaug", "hidden", "attn"],
+      choices=["noaug", "hidden", "attn"], help="--pretrained: one-seed ablations: without the "
+      "transfer set, + hidden MSE, + hidden MSE + attention KL (none: --ablations)")
     a("--compare-with", default=os.path.join("docs", "results", "sst2", "results.json"),
       help="--pretrained: the from-scratch study's results.json, plotted beside")
     a("--seeds", type=int, nargs="+", default=[0, 1, 2])
