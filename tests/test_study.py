@@ -333,7 +333,10 @@ def test_tiny_pretrained_study_end_to_end(tmp_path, reference_backend):
         "hidden_size"] == 32
     assert "--augment 1" in runs["tkd_s0"]["command"] and "--hidden-loss mse" in runs[
         "tkd_hidden_s0"]["command"]
-    assert len(res["targets"]) == 7 and all(t["met"] in (True, False) for t in res["targets"])
+    assert len(res["targets"]) == 7
+    for t in res["targets"]:  # one seed: the comparisons against seed noise give no verdict
+        assert t["met"] is None if "beyond the noise" in t["target"] else t["met"] in (True, False)
+        assert t["met"] is not None or "no verdict" in t["detail"]
     report = open(os.path.join(out, "report.md")).read()
     for needle in ("TKD-NLP with a pretrained teacher", "MiniLM-L6-H384", "Tang et al. 2019",
                    "## Targets", "Teacher >= 90.0% dev", "../sst2/report.md"):

@@ -125,7 +125,8 @@ def write_report(path: str, res: dict) -> None:
             L.append(f"- {g[a]['label']} - {g[b]['label']}: {100 * c['diff']:+.2f} points; "
                      f"seed std up to {100 * c['noise_std']:.2f}, seed spread up to "
                      f"{100 * c['seed_spread']:.2f} points over {c['seeds']} seeds: "
-                     + ("**beyond** the run-to-run noise." if c["beyond_noise"] else
+                     + ("one seed: no noise estimate, no verdict." if c["beyond_noise"] is None
+                        else "**beyond** the run-to-run noise." if c["beyond_noise"] else
                         "**within** the run-to-run noise."))
     n_seeds = max((len(m["seeds"]) for m in cfg["models"].values()), default=1)
     L += ["", f"{n_seeds} seeds per group give a rough noise estimate only; a difference is "

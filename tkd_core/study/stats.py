@@ -43,7 +43,9 @@ def compare(groups, a: str, b: str) -> Optional[dict]:
     noise = max(ga["accuracy_std"] or 0.0, gb["accuracy_std"] or 0.0)
     spread = max(max(g["accuracies"]) - min(g["accuracies"]) for g in (ga, gb))
     return dict(a=a, b=b, diff=diff, noise_std=noise, seed_spread=spread,
-                beyond_noise=abs(diff) > 2 * noise and abs(diff) > spread,
+                # one seed in a group: no noise estimate, so no verdict (None)
+                beyond_noise=(abs(diff) > 2 * noise and abs(diff) > spread)
+                if min(ga["n"], gb["n"]) >= 2 else None,
                 seeds=min(ga["n"], gb["n"]))
 
 
@@ -115,9 +117,12 @@ def targets_pretrained(groups) -> List[dict]:
                        ("kd-bilstm", "lstm", "KD-NLP (BiLSTM + transfer set) beats the hard-label "
                                              "LSTM beyond the noise")):
         c = compare(groups, a, b)
-        add(name, bool(c) and c["diff"] > 0 and c["beyond_noise"],
-            f"{100 * c['diff']:+.2f} points; seed std up to {100 * c['noise_std']:.2f}, spread "
-            f"up to {100 * c['seed_spread']:.2f} ({c['seeds']} seed(s))" if c else "", c)
+        one_seed = bool(c) and c["beyond_noise"] is None
+        add(name, None if one_seed else bool(c) and c["diff"] > 0 and bool(c["beyond_noise"]),
+            (f"{100 * c['diff']:+.2f} points with one seed: no noise estimate, no verdict"
+             if one_seed else f"{100 * c['diff']:+.2f} points; seed std up to "
+             f"{100 * c['noise_std']:.2f}, spread up to {100 * c['seed_spread']:.2f} "
+             f"({c['seeds']} seeds)") if c else "", c)
     q, tg = g("int8"), g("teacher")
     ok = q and acc(q) is not None and q.get("fp32_accuracy") is not None and tg and \
         tg.get("latency_ms") and q.get("latency_ms") and tg.get("size_fp32")
