@@ -97,6 +97,14 @@ def test_pretrained_start_errors(tmp_path, hf_bert, capsys):
           "not a folder")
     fails(["--mode", "student", "--student-init", "teacher", "--out", str(tmp_path / "d")],
           "needs --teacher")
+    # --export-hf never replaces what is there (e.g. the pretrained folder itself), nor a file
+    before = sorted(os.listdir(hf_bert))
+    fails(["--mode", "teacher", "--init", hf_bert, "--export-hf", hf_bert, "--out",
+           str(tmp_path / "e")], "already holds files; pass --overwrite")
+    assert sorted(os.listdir(hf_bert)) == before and not (tmp_path / "e").exists()
+    (tmp_path / "f.txt").write_text("mine")
+    fails(["--mode", "teacher", "--export-hf", str(tmp_path / "f.txt"), "--out",
+           str(tmp_path / "g")], "is a file, not a folder")
 
 
 def test_pretrained_pipeline_one_command(tmp_path, hf_bert, reference_backend, capsys):

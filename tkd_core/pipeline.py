@@ -42,7 +42,6 @@ def pipeline(args) -> int:
     from .warmstart import is_hf_folder
     if args.init or (args.teacher and is_hf_folder(args.teacher)):
         return pretrained_pipeline(args)
-    from . import quantize_model
     from .train import train
     root = _root(args)
     t0 = time.perf_counter()
@@ -57,13 +56,23 @@ def pipeline(args) -> int:
     rows = [report_row(f"teacher ({t['config']['num_layers']}L)", t["model"], t["metrics"], spec),
             report_row(f"student KD ({s['config']['num_layers']}L)", s["model"], s["metrics"],
                        spec)]
-    q = copy.deepcopy(s["model"]).cpu()
-    report = quantize_model(q, skip=("pooler", "classifier"))
-    print(f"INT8 student: {str(report).splitlines()[0]}")
-    m = evaluate(q, items, spec, torch.device("cpu"), args.eval_batch_size)
+    q, _, _, m = _int8_student(s["model"], items, spec, args)
     rows.append(report_row("student KD INT8", q, m, spec, params=param_count(s["model"])))
     _finish(root, spec, items, rows, t0)
     return 0
+
+
+def _int8_student(model, items, spec, args, embeddings=False):
+    """(INT8 copy of the student on CPU, QuantizeReport, int8 embedding table names, its dev
+    metrics). The pooler and classifier stay float (tiny; the logits' precision matters)."""
+    from . import quantize_model
+    from .int8 import quantize_embeddings
+    q = copy.deepcopy(model).cpu()
+    report = quantize_model(q, skip=("pooler", "classifier"))
+    tables = [n for n, _, _ in quantize_embeddings(q)] if embeddings else []
+    print(f"INT8 student: {str(report).splitlines()[0]}"
+          + (f"; int8 embedding tables: {', '.join(tables)}" if tables else ""))
+    return q, report, tables, evaluate(q, items, spec, torch.device("cpu"), args.eval_batch_size)
 
 
 # --init: the recipe for a pretrained encoder (the pretrained SST-2 study's: teacher fine-tuned
@@ -74,9 +83,7 @@ PRETRAINED = {"teacher": dict(epochs=1, lr=1e-4, batch_size=32, group_by_length=
 
 
 def pretrained_pipeline(args) -> int:
-    from . import quantize_model
     from .checkpoint import save_int8
-    from .int8 import quantize_embeddings
     from .train import train
     from .warmstart import load_teacher
     root = _root(args)
@@ -91,12 +98,11 @@ def pretrained_pipeline(args) -> int:
         with open(os.path.join(args.teacher, "config.json")) as f:
             hf = json.load(f)
         n_layers = hf.get("num_hidden_layers", hf.get("n_layers"))  # BERT / DistilBERT
-    layers = f"teacher:{max(n_layers // 2 - 1, 0)},{n_layers - 1}"
+    layers = "teacher:" + ",".join(map(str, sorted({max(n_layers // 2 - 1, 0), n_layers - 1})))
+    export = args.export_hf or os.path.join(root, "student-hf")
     s = train(_stage(args, root, "student", "distill", PRETRAINED["student"], preset=None,
                      epochs=args.student_epochs, teacher=teacher_path, init=None,
-                     student_init=layers,
-                     export_hf=args.export_hf or os.path.join(root, "student-hf")),
-              tag="student-kd")
+                     student_init=layers, export_hf=export), tag="student-kd")
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     spec, items = s["spec"], s["dev_items"]
@@ -104,22 +110,16 @@ def pretrained_pipeline(args) -> int:
         teacher, _ = load_teacher(args.teacher, spec, torch.device("cpu"))
         t = dict(model=teacher, config=teacher.config.to_dict(),
                  metrics=evaluate(teacher, items, spec, "cpu", args.eval_batch_size))
-    q = copy.deepcopy(s["model"]).cpu()
-    report = quantize_model(q, skip=("pooler", "classifier"))
-    tables = [n for n, _, _ in quantize_embeddings(q)]  # the teacher's vocabulary: most bytes
-    print(f"INT8 student: {str(report).splitlines()[0]}; int8 embedding tables: "
-          f"{', '.join(tables)}")
-    m = evaluate(q, items, spec, torch.device("cpu"), args.eval_batch_size)
+    # the teacher's vocabulary is most of the student's bytes: its embedding tables go int8 too
+    q, report, tables, m = _int8_student(s["model"], items, spec, args, embeddings=True)
     ck = os.path.join(root, "student-int8", CHECKPOINT)
     os.makedirs(os.path.dirname(ck), exist_ok=True)
-    from .checkpoint import load_checkpoint
-    save_int8(ck, q, report, spec.name, load_checkpoint(s["checkpoint"])["tokenizer"], tables)
+    save_int8(ck, q, report, spec.name, s["tokenizer"].to_str(), tables)
     rows = [report_row(f"teacher ({t['config']['num_layers']}L)", t["model"], t["metrics"], spec),
             report_row(f"student KD ({s['config']['num_layers']}L, {layers})", s["model"],
                        s["metrics"], spec),
             report_row("student KD INT8", q, m, spec, params=param_count(s["model"]))]
-    print(f"students: fp32 as a Hugging Face folder in "
-          f"{args.export_hf or os.path.join(root, 'student-hf')}, INT8 as {ck}")
+    print(f"students: fp32 as a Hugging Face folder in {export}, INT8 as {ck}")
     _finish(root, spec, items, rows, t0)
     return 0
 

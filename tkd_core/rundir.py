@@ -116,7 +116,7 @@ class RunDir:
             for f in found + [f for f in os.listdir(self.out) if f.startswith("trace_rank")]:
                 os.remove(os.path.join(self.out, f))
             return
-        what = "a finished run" if _finished(self.out) else "a run"
+        what = "a finished run" if finished(self.out) else "a run"
         raise RuntimeError(
             f"--out {self.out} already holds {what} ({', '.join(found)}); pass --resume to "
             "continue it, --overwrite to replace it, or choose another --out")
@@ -130,7 +130,8 @@ class RunDir:
         return Logger(path, self.enabled, append=resume_step is not None)
 
 
-def _finished(out: str) -> bool:
+def finished(out: str) -> bool:
+    """Whether the run in `out` has a summary.json that says it finished."""
     try:
         with open(os.path.join(out, "summary.json")) as f:
             return bool(json.load(f).get("finished"))

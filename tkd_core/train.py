@@ -286,15 +286,16 @@ def _train(args, tag, rank, world, device, out, rd):
                 print(note, file=sys.stderr)
     spec = gdata.get_task(args.task)
     teacher, teacher_ck = None, None
-    if args.mode == "distill" or args.student_init:  # (student mode: the teacher's layers only)
+    needs_teacher = args.mode == "distill" or (args.student_init and not resume)
+    if needs_teacher:  # (student mode with --student-init: the teacher's layers only)
         if not args.teacher:
             raise ValueError(f"--mode {args.mode}" + (" --student-init" if args.student_init
                              else "") + " needs --teacher (checkpoint.pt, run dir or HF folder)")
         teacher, teacher_ck = load_teacher(args.teacher, spec, device)
     torch.manual_seed(args.seed)  # identical init on every rank (fresh heads included)
-    start = None  # the model the run starts from, when not a fresh preset
+    start, overrides = None, _overrides(args)  # start: the model to begin from, if not a preset
     if args.init and not resume:
-        start, init_tok = init_from_hf(args.init, spec, _overrides(args), args.reinit_head)
+        start, init_tok = init_from_hf(args.init, spec, overrides, args.reinit_head)
         if teacher_ck and not same_vocabulary(init_tok.to_str(), teacher_ck["tokenizer"]):
             raise ValueError(f"--init {args.init} and --teacher {args.teacher} have different "
                              "vocabularies: distillation feeds both the same token ids")
@@ -309,9 +310,10 @@ def _train(args, tag, rank, world, device, out, rd):
 
     if resume:
         cfg = ModelConfig.from_dict(resume["config"])
-    elif start is None and args.student_init:
-        start = student_from_teacher(teacher, args.student_init, _overrides(args))
-    cfg = cfg if resume else start.config if start is not None else model_config(args, spec, tok)
+    else:
+        if start is None and args.student_init:
+            start = student_from_teacher(teacher, args.student_init, overrides)
+        cfg = start.config if start is not None else model_config(args, spec, tok)
     if teacher is not None and teacher.config.num_labels != cfg.num_labels:
         raise ValueError(f"teacher has {teacher.config.num_labels} label(s), the student "
                          f"{cfg.num_labels}: teacher and student label counts must match")
@@ -434,7 +436,7 @@ def _train(args, tag, rank, world, device, out, rd):
         if prof is not None:
             print(f"[{name}] profiler trace: {os.path.join(out, f'trace_rank{rank}.json')}")
     log.close()
-    return dict(summary, model=raw, dev_items=dev_items, spec=spec)
+    return dict(summary, model=raw, dev_items=dev_items, spec=spec, tokenizer=tok)
 
 
 def _peak_memory_mb(device) -> float:

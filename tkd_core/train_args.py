@@ -170,6 +170,14 @@ def check_args(args) -> None:
         raise ValueError("--init takes the architecture from the folder: drop --preset / --arch")
     if args.student_init and args.mode not in ("student", "distill", "pipeline"):
         raise ValueError("--student-init makes a student: --mode student or distill")
+    if args.export_hf:  # the folder is the user's: a file, or files there, are not replaced
+        import os
+        if os.path.exists(args.export_hf) and not os.path.isdir(args.export_hf):
+            raise ValueError(f"--export-hf {args.export_hf} is a file, not a folder")
+        if os.path.isdir(args.export_hf) and os.listdir(args.export_hf) and not (
+                args.overwrite or args.resume):
+            raise ValueError(f"--export-hf {args.export_hf} already holds files; pass "
+                             "--overwrite to replace them, or choose another folder")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the run in "
                          "--out, or replace it")

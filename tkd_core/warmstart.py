@@ -12,7 +12,6 @@ import dataclasses
 import os
 from typing import List, Tuple
 
-import torch
 from torch import nn
 
 from . import data as gdata
@@ -115,7 +114,6 @@ def _has_head(path: str) -> bool:
     return any(k.startswith(("classifier.", "score.")) for k in sd)
 
 
-@torch.no_grad()
 def same_vocabulary(a_json: str, b_json: str) -> bool:
     from tokenizers import Tokenizer
     return Tokenizer.from_str(a_json).get_vocab() == Tokenizer.from_str(b_json).get_vocab()

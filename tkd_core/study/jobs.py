@@ -18,6 +18,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from ..rundir import finished
+
 @dataclasses.dataclass
 class Task:
     name: str
@@ -126,12 +128,8 @@ def run_in_process(tasks: List[Task]) -> dict:
 
 def run_state(run_dir: str) -> str:
     """'done' (finished summary), 'partial' (a checkpoint to resume from) or 'new'."""
-    try:
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            if json.load(f).get("finished"):
-                return "done"
-    except (OSError, ValueError):
-        pass
+    if finished(run_dir):
+        return "done"
     return "partial" if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")) else "new"
 
 
