@@ -293,3 +293,50 @@ def test_augment_with_roberta_special_tokens():
     s, e, m = (t.token_to_id(x) for x in ("<s>", "</s>", "<mask>"))
     assert all(ids[0] == s and ids[-1] == e for ids, _, _ in a)
     assert sum(ids.count(m) for ids, _, _ in a) > 0
+
+
+class _CountingTeacher(torch.nn.Module):
+    """A 2-label 'teacher' whose logits are a fixed function of the ids; counts its forwards."""
+
+    def __init__(self, delay=0.0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(2, generator=torch.Generator().manual_seed(_seed())))
+        self.calls, self.delay = 0, delay
+
+    def forward(self, ids, mask, types):
+        import time
+        self.calls += 1
+        time.sleep(self.delay)  # long enough for the other caller to reach the lock
+        return (ids * mask).sum(1, keepdim=True).float() * self.w
+
+
+def _items(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [([2] + torch.randint(5, 50, (int(torch.randint(1, 9, (1,), generator=g)),),
+                                 generator=g).tolist() + [3], [0] * 12, 0) for _ in range(n)]
+
+
+def test_teacher_logits_pass_is_timed_and_computed_once_by_concurrent_jobs(tmp_path):
+    """all_teacher_logits records the pass's seconds in the file; a second caller arriving while
+    the first computes waits on the lock and reads its file instead of computing it again."""
+    import threading
+    items = _items(37, _seed())
+    items = [(ids, [0] * len(ids), y) for ids, _, y in items]
+    path = str(tmp_path / "logits.pt")
+    a, b = _CountingTeacher(delay=0.05), _CountingTeacher(delay=0.05)
+    b.load_state_dict(a.state_dict())  # the same weights: the same fingerprint
+    out = {}
+    ts = [threading.Thread(target=lambda t=t, k=k: out.__setitem__(
+        k, distill.all_teacher_logits(t, items, path, "cpu", batch_size=8))) for k, t in
+        (("a", a), ("b", b))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert sorted([a.calls, b.calls]) == [0, 5]  # one pass of ceil(37 / 8) batches, not two
+    torch.testing.assert_close(out["a"], out["b"], rtol=0, atol=0)
+    want = torch.tensor([sum(ids) for ids, _, _ in items], dtype=torch.float32)[:, None] * a.w
+    torch.testing.assert_close(out["a"], want.detach(), rtol=1e-6, atol=1e-6)
+    s = distill.logits_pass_seconds(path)
+    assert s is not None and s >= 5 * 0.05
+    assert distill.logits_pass_seconds(str(tmp_path / "absent.pt")) is None

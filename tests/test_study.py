@@ -333,14 +333,54 @@ def test_tiny_pretrained_study_end_to_end(tmp_path, reference_backend):
         "hidden_size"] == 32
     assert "--augment 1" in runs["tkd_s0"]["command"] and "--hidden-loss mse" in runs[
         "tkd_hidden_s0"]["command"]
+    # the logit passes move from the job that ran them to the rows that read them
+    assert runs["teacher"]["teacher_logits_s"] is None
+    assert runs["tkd_s0"]["teacher_logits_s"] > 0 and runs["kd_bilstm_s0"][
+        "teacher_logits_s"] == runs["tkd_s0"]["teacher_logits_s"]
+    assert runs["tkd_noaug_s0"]["teacher_logits_s"] > 0 and runs["tnlp_s0"][
+        "teacher_logits_s"] is None and runs["tkd_hidden_s0"]["teacher_logits_s"] is None
     assert len(res["targets"]) == 7
     for t in res["targets"]:  # one seed: the comparisons against seed noise give no verdict
         assert t["met"] is None if "beyond the noise" in t["target"] else t["met"] in (True, False)
         assert t["met"] is not None or "no verdict" in t["detail"]
     report = open(os.path.join(out, "report.md")).read()
     for needle in ("TKD-NLP with a pretrained teacher", "MiniLM-L6-H384", "Tang et al. 2019",
-                   "## Targets", "Teacher >= 90.0% dev", "../sst2/report.md"):
+                   "## Targets", "Teacher >= 90.0% dev", "../sst2/report.md",
+                   "`train_logits_aug1.pt`: "):
         assert needle in report, needle
     import matplotlib.image
     img = matplotlib.image.imread(os.path.join(out, "accuracy_vs_size.png"))
     assert img.shape[0] > 200 and img.std() > 0
+
+
+def test_charged_wall_moves_logit_passes_to_their_readers(tmp_path):
+    """A job's train wall: its attempts, less its time in all_teacher_logits, plus the whole
+    pass that wrote the cache it reads (None when the file predates recorded times)."""
+    out = tmp_path / "study"
+    (out / "teacher").mkdir(parents=True)
+    torch.save(dict(fingerprint="x", logits=torch.zeros(3, 2), seconds=40.0),
+               out / "teacher" / "aug.pt")
+    torch.save(dict(fingerprint="x", logits=torch.zeros(3, 2)), out / "teacher" / "old.pt")
+
+    def job_dir(name, walls, logit_seconds):
+        d = out / name
+        d.mkdir(exist_ok=True)
+        for w in walls:
+            jobs.record_attempt(str(d), w, w, False, True)
+        (d / "log.jsonl").write_text("".join(
+            json.dumps(dict(type="teacher_logits", path="p", seconds=x)) + "\n"
+            for x in logit_seconds) + json.dumps(dict(type="step", step=1, loss=0.1)) + "\n")
+        return str(d)
+
+    J = plan.Job
+    teacher = J("teacher", "teacher", "teacher", logits="aug.pt")
+    reader = J("kd", "kd", "distill", logits="aug.pt")
+    assert measurements.charged_wall(teacher, job_dir("teacher", [100.0], [40.0]),
+                                     str(out)) == (60.0, None)
+    # this reader computed the pass (35 s, one attempt of two) or waited for it: charged 40
+    assert measurements.charged_wall(reader, job_dir("kd", [30.0, 50.0], [35.0]),
+                                     str(out)) == (85.0, 40.0)
+    old = J("kd2", "kd", "distill", logits="old.pt")
+    assert measurements.charged_wall(old, job_dir("kd2", [50.0], []), str(out)) == (50.0, None)
+    student = J("st", "st", "student")
+    assert measurements.charged_wall(student, job_dir("st", [], []), str(out)) == (None, None)

@@ -32,6 +32,7 @@ import collections
 import contextlib
 import hashlib
 import os
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -280,41 +281,79 @@ def logits_fingerprint(teacher: nn.Module, items: Sequence) -> str:
     return h.hexdigest()
 
 
+def _read_logits(path: str, fp: str, n: int) -> Optional[dict]:
+    """The cache file at `path` when it was made by this teacher (fingerprint `fp`) on these n
+    items, else None (absent, unreadable, or another teacher's)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, random bytes, not a torch file
+        print(f"note: {path} is unreadable ({type(e).__name__}); recomputing it")
+        return None
+    if isinstance(ck, dict) and ck.get("fingerprint") == fp and \
+            torch.is_tensor(ck.get("logits")) and ck["logits"].shape[0] == n:
+        return ck
+    print(f"note: {path} was made by another teacher or data; recomputing it")
+    return None
+
+
+@contextlib.contextmanager
+def _file_lock(path: str, enabled: bool = True):
+    """An exclusive flock on `path`.lock: jobs started together (a study's students) wait for
+    the one computing a cache instead of computing it again beside it."""
+    if not enabled:
+        yield
+        return
+    import fcntl
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def logits_pass_seconds(path: str) -> Optional[float]:
+    """Wall seconds the teacher's pass that wrote the cache at `path` took (None: no such
+    file, or one written before the time was recorded)."""
+    try:
+        s = torch.load(path, map_location="cpu", weights_only=True).get("seconds")
+    except Exception:
+        return None
+    return float(s) if s is not None else None
+
+
 @torch.no_grad()
 def all_teacher_logits(teacher: nn.Module, items: Sequence, path: str, device,
                        autocast: Optional[Callable] = None, write: bool = True,
                        batch_size: int = 256) -> torch.Tensor:
     """(N, C) float32 CPU logits of the frozen teacher on every item: read from `path` when it
     was made by this teacher on these items, else computed (length-sorted batches, eval mode)
-    and written there atomically."""
+    and written there atomically, with the pass's wall seconds (`logits_pass_seconds`).
+    Writers take a lock on `path`.lock, so that concurrent jobs compute it once."""
     fp = logits_fingerprint(teacher, items)
-    if os.path.isfile(path):
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-            ok = isinstance(ck, dict) and ck.get("fingerprint") == fp and \
-                torch.is_tensor(ck.get("logits")) and ck["logits"].shape[0] == len(items)
-        except Exception as e:  # truncated, random bytes, not a torch file
-            print(f"note: {path} is unreadable ({type(e).__name__}); recomputing it")
-            ok, ck = False, None
-        if ok:
-            return ck["logits"]
+    with _file_lock(path, enabled=write):
+        ck = _read_logits(path, fp, len(items))
         if ck is not None:
-            print(f"note: {path} was made by another teacher or data; recomputing it")
-    was_training = teacher.training
-    teacher.eval()
-    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
-    out = None
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        b = {k: v.to(device) for k, v in gdata.collate([items[i] for i in idx]).items()}
-        with _ctx(autocast):
-            y = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float().cpu()
+            return ck["logits"]
+        t0 = time.perf_counter()
+        was_training = teacher.training
+        teacher.eval()
+        order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+        out = None
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            b = {k: v.to(device) for k, v in gdata.collate([items[i] for i in idx]).items()}
+            with _ctx(autocast):
+                y = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float().cpu()
+            if out is None:
+                out = torch.empty(len(items), y.shape[1])
+            out[idx] = y
+        teacher.train(was_training)
         if out is None:
-            out = torch.empty(len(items), y.shape[1])
-        out[idx] = y
-    teacher.train(was_training)
-    if out is None:
-        out = torch.empty(0, 0)
-    if write:
-        save_checkpoint(path, dict(fingerprint=fp, logits=out))
+            out = torch.empty(0, 0)
+        if write:
+            save_checkpoint(path, dict(fingerprint=fp, logits=out,
+                                       seconds=time.perf_counter() - t0))
     return out

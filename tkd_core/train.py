@@ -363,8 +363,10 @@ def _train(args, tag, rank, world, device, out, rd):
         return m
 
     if teacher is not None and args.teacher_logits and not layerwise:
+        t0 = time.perf_counter()  # logged: a study charges the pass to the rows that read it
         objective.cache = all_teacher_logits(teacher, train_items, args.teacher_logits, device,
                                              lambda: autocast(device, amp_dtype), write=main)
+        log(type="teacher_logits", path=args.teacher_logits, seconds=time.perf_counter() - t0)
     prof = _profiler(args, out, rank, device)
     bar = None
     if main and not args.no_progress:
@@ -423,8 +425,10 @@ def _train(args, tag, rank, world, device, out, rd):
                    checkpoint=os.path.abspath(ck_path), args=recorded(args),
                    peak_memory_mb=_peak_memory_mb(device))
     if main and args.mode == "teacher" and args.teacher_logits and ts.step >= total:
+        t0 = time.perf_counter()
         all_teacher_logits(raw.eval(), train_items, args.teacher_logits, device,
                            lambda: autocast(device, amp_dtype))
+        log(type="teacher_logits", path=args.teacher_logits, seconds=time.perf_counter() - t0)
     if main:
         export_safetensors(raw, os.path.join(out, "model.safetensors"))
         if args.export_hf:

@@ -17,6 +17,7 @@ import torch
 
 from .. import data as gdata
 from ..checkpoint import load_model
+from ..distill import logits_pass_seconds
 from ..measure import evaluate, latency_ms, median_ms, param_count, size_on_disk
 from .jobs import read_attempts
 from .plan import GROUPS, PRETRAINED_GROUPS, train_argv
@@ -27,6 +28,29 @@ LATENCY_BATCHES = (1, 32)
 def _metrics(m: dict) -> dict:
     """The report's two columns."""
     return {"accuracy": m["accuracy"], "f1": m.get("f1")}
+
+def charged_wall(job, run_dir: str, out: str):
+    """(train wall s, teacher-logit pass s charged) of a job: the study's wall over its attempts,
+    less the time its trainer spent in `all_teacher_logits` (computing a cache, or waiting for
+    another job computing it), plus the whole pass that wrote the cache it reads. The teacher is
+    not charged for the logits it writes for the students; each student reading them is, as if
+    it had run the pass alone. (None, None) without attempts; the charge is None when the cache
+    predates recorded pass times."""
+    attempts = read_attempts(run_dir)
+    if not attempts:
+        return None, None
+    wall = sum(x["wall_s"] for x in attempts)
+    try:
+        with open(os.path.join(run_dir, "log.jsonl")) as f:
+            recs = [json.loads(line) for line in f if '"teacher_logits"' in line]
+    except (OSError, ValueError):
+        recs = []
+    wall -= sum(r["seconds"] for r in recs if r.get("type") == "teacher_logits")
+    charge = None
+    if job.mode == "distill" and job.logits:
+        charge = logits_pass_seconds(os.path.join(out, "teacher", job.logits))
+    return wall + (charge or 0.0), charge
+
 
 def int8_copy(model, embeddings: bool = False):
     """(INT8 copy, None) or (None, reason) through tkd_core.quantize_model."""
@@ -138,7 +162,7 @@ def measure(a, plan, status, spec, train, dev, tokenizer) -> List[dict]:
         timed.setdefault(key, model)
         row["_latency_key"] = key
         attempts = read_attempts(run_dir)
-        row["train_wall_s"] = sum(x["wall_s"] for x in attempts) if attempts else None
+        row["train_wall_s"], row["teacher_logits_s"] = charged_wall(job, run_dir, a.out)
         row["train_cpu_s"] = sum(x["cpu_s"] for x in attempts) if attempts else None
         with open(os.path.join(run_dir, "summary.json")) as f:
             s = json.load(f)

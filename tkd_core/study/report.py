@@ -59,6 +59,19 @@ def results_table(groups) -> str:
     return "\n".join(lines)
 
 
+def _passes(res: dict) -> str:
+    """' (train_logits.pt: 301 s; ...)': the charged logit passes, by cache file."""
+    seen = {}
+    for r in res.get("runs", []):
+        f = (r.get("train_args") or {}).get("teacher_logits")
+        if f and r.get("mode") == "distill":
+            seen[os.path.basename(f)] = r.get("teacher_logits_s")
+    if not seen:
+        return ""
+    return " (" + "; ".join(f"`{k}`: " + ("not recorded" if v is None else f"{v:.0f} s")
+                            for k, v in sorted(seen.items())) + ")"
+
+
 def write_report(path: str, res: dict) -> None:
     g, hw, cfg = res["groups"], res["hardware"], res["config"]
     pre = bool(cfg.get("pretrained"))
@@ -100,7 +113,10 @@ def write_report(path: str, res: dict) -> None:
           ("; every embedding table in int8 with per-row scales, `quantize_embeddings`"
            if pre else "") + "). TF-IDF "
           "latency is vectorize + predict of raw dev sentences (no token length). Train wall = "
-          "seconds this study spent in the job, summed over its attempts.", ""]
+          "seconds this study spent in the job, summed over its attempts, with the teacher's "
+          "logit passes moved from the job that ran them to every row that reads them: each "
+          "distilled row is charged the whole pass over its training items" +
+          _passes(res) + ".", ""]
     temps = [] if pre else [(t, g.get(tkd_group(t))) for t in cfg["temperatures"]]
     temps = [(t, r) for t, r in temps if r and r["accuracy"] is not None]
     if temps:
@@ -146,19 +162,27 @@ def write_report(path: str, res: dict) -> None:
                  f"{m['hidden_size']} | {m['ffn_size']} | {_g(m['epochs'])} | {_g(m['lr'])} | "
                  f"{m['temperature']} | {cfg['alpha'] if m['mode'] == 'distill' else '-'} | "
                  f"{m['seeds']} |")
+    vocab = (f"the teacher's own WordPiece vocabulary for the teacher and the students "
+             f"distilled from it, and a shared WordPiece vocabulary of {cfg['vocab_size']:,} "
+             "learnt on the training split (`tokenizer/`) for the RNN / LSTM / CNN" if pre else
+             f"a shared WordPiece vocabulary of {cfg['vocab_size']:,} learnt on the training "
+             "split (`tokenizer/`)")
     L += ["", f"All neural jobs: `python -m tkd_core.train`, AdamW (weight decay 0.01, linear "
           f"warm-up 10% then linear decay), batch {cfg['batch_size']}, max length "
-          f"{cfg['max_len']}, fp32, a shared WordPiece vocabulary of {cfg['vocab_size']:,} "
-          "learnt on the training split (`tokenizer/`). Deviations from the paper's recipe "
+          f"{cfg['max_len']}, fp32, {vocab}. Deviations from the paper's recipe "
           "(KD weight 0.5, T=1, batch 64, 10 epochs, AdamW, FP16 on CUDA): fewer epochs and fp32 "
           "on CPU, as above. Batches are grouped by length (`--group-by-length`: less padding, "
           "the order still seeded-random per epoch) and the teacher's logits on the training "
-          "set are computed once and shared by the distilled students (`--teacher-logits`). "
-          "Each job's exact command line is in results.json.", "",
-          "The epochs and the teacher's pooling and dropout were chosen from short SST-2 runs "
-          "judged on dev accuracy, recorded in `teacher_search.md` beside this report when it "
-          "is published (GLUE's test labels are hidden, so dev served both for these choices and "
-          "for the numbers above).", ""]
+          "set" + (" and the transfer set" if pre else "") + " are computed once and shared by "
+          "the distilled students (`--teacher-logits`). Each job's exact command line is in "
+          "results.json.", ""]
+    L += (["The teacher's epochs and learning rate (`--teacher-epochs`, `--teacher-lr`) were "
+           "chosen after earlier teachers' dev accuracy (GLUE's test labels are hidden, so dev "
+           "served both for that choice and for the numbers above).", ""] if pre else
+          ["The epochs and the teacher's pooling and dropout were chosen from short SST-2 runs "
+           "judged on dev accuracy, recorded in `teacher_search.md` beside this report when it "
+           "is published (GLUE's test labels are hidden, so dev served both for these choices "
+           "and for the numbers above).", ""])
     if res.get("failed"):
         L += ["## Failed jobs", "", *[f"- {n}: see {n}/train.log" for n in res["failed"]], ""]
     L += ["Plots: `accuracy_vs_latency.png`, `accuracy_vs_size.png`.", ""]
