@@ -158,6 +158,17 @@ def test_targets_met_and_not_met():
     assert [x["met"] for x in stats.targets(groups)][2] is None
 
 
+def test_one_seed_ablation_is_judged_by_the_other_rows_noise():
+    groups = dict(tkd=_group(0.870, accs=[0.868, 0.872, 0.870]),
+                  hidden=_group(0.880, accs=[0.880]), attn=_group(0.869, accs=[0.869]),
+                  other=_group(0.871, accs=[0.871]))
+    c = stats.compare(groups, "hidden", "tkd")  # +1 point against std 0.28, spread 0.4 points
+    assert c["beyond_noise"] is True and c["seeds"] == 3
+    assert c["noise_std"] == groups["tkd"]["accuracy_std"] and abs(c["seed_spread"] - 0.004) < 1e-9
+    assert stats.compare(groups, "attn", "tkd")["beyond_noise"] is False  # -0.1 points
+    assert stats.compare(groups, "attn", "other")["beyond_noise"] is None  # no seeds at all
+
+
 @pytest.fixture
 def tiny_study(tmp_path_factory, reference_backend):
     out = str(tmp_path_factory.mktemp("study") / "sst2")

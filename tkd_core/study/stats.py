@@ -40,13 +40,14 @@ def compare(groups, a: str, b: str) -> Optional[dict]:
     if not ga or not gb or ga["accuracy"] is None or gb["accuracy"] is None:
         return None
     diff = ga["accuracy"] - gb["accuracy"]
-    noise = max(ga["accuracy_std"] or 0.0, gb["accuracy_std"] or 0.0)
-    spread = max(max(g["accuracies"]) - min(g["accuracies"]) for g in (ga, gb))
+    # the noise comes from the group(s) with 2+ seeds: a one-seed ablation is judged against
+    # the seed noise of the row it is compared with; two one-seed groups get no verdict (None)
+    noisy = [g for g in (ga, gb) if g["n"] >= 2]
+    noise = max((g["accuracy_std"] or 0.0 for g in noisy), default=0.0)
+    spread = max((max(g["accuracies"]) - min(g["accuracies"]) for g in noisy), default=0.0)
     return dict(a=a, b=b, diff=diff, noise_std=noise, seed_spread=spread,
-                # one seed in a group: no noise estimate, so no verdict (None)
-                beyond_noise=(abs(diff) > 2 * noise and abs(diff) > spread)
-                if min(ga["n"], gb["n"]) >= 2 else None,
-                seeds=min(ga["n"], gb["n"]))
+                beyond_noise=(abs(diff) > 2 * noise and abs(diff) > spread) if noisy else None,
+                seeds=max((g["n"] for g in noisy), default=min(ga["n"], gb["n"])))
 
 
 def targets(groups) -> List[dict]:
