@@ -5,7 +5,7 @@ import importlib
 import os
 import sys
 
-OPS = ["layer_norm", "kd_loss", "attention", "int8_gemm", "train", "hf", "infer"]
+OPS = ["layer_norm", "kd_loss", "attention", "int8_gemm", "train", "distill", "hf", "infer"]
 ALIASES = {"layernorm": "layer_norm"}  # the op's name before kernels/layer_norm.py
 
 
