@@ -84,25 +84,39 @@ TKD_AVX512 inline __mmask16 lanes(int64_t n) {
 }
 
 // One finished row of the tile: 4 zmm of biased int32 accumulators, minus the row's correction
-// -> out row m, columns n0 .. n0 + nn - 1.
+// -> out row m, columns n0 .. n0 + nn - 1. FULL (nn = 64, every tile but the right edge): plain
+// loads and stores, no masks (measured 2% of a whole GEMM at K = 768 on Zen 5).
+template <bool FULL>
 TKD_AVX512 inline void store_row(const Epilogue& ep, __m512i c0, __m512i c1, __m512i c2,
                                  __m512i c3, int32_t corr, int64_t m, int64_t n0, int64_t nn) {
-  const float as = ep.scaled ? ep.a_scale[m] : 0.f;
   const __m512i cr = _mm512_set1_epi32(corr);
   const __m512i c[4] = {c0, c1, c2, c3};  // by value: the accumulators never leave registers
-  for (int j = 0; j < 4 && 16 * j < nn; ++j) {
+  const __m512 as = _mm512_set1_ps(ep.scaled ? ep.a_scale[m] : 0.f);
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    if (!FULL && 16 * j >= nn) break;
     const int64_t n = n0 + 16 * j;
-    const __mmask16 k = lanes(nn - 16 * j);
+    const __mmask16 k = FULL ? static_cast<__mmask16>(0xFFFF) : lanes(nn - 16 * j);
     const __m512i v = _mm512_sub_epi32(c[j], cr);
     if (!ep.scaled) {
-      _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.out) + m * ep.ldc + n, k, v);
+      int32_t* o = static_cast<int32_t*>(ep.out) + m * ep.ldc + n;
+      if (FULL) _mm512_storeu_si512(o, v);
+      else _mm512_mask_storeu_epi32(o, k, v);
       continue;
     }
-    const __m512 s = _mm512_mul_ps(_mm512_set1_ps(as), _mm512_maskz_loadu_ps(k, ep.b_scale + n));
-    __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), s);
-    if (ep.bias) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(k, ep.bias + n));
+    const __m512 bs = FULL ? _mm512_loadu_ps(ep.b_scale + n) : _mm512_maskz_loadu_ps(k, ep.b_scale + n);
+    const __m512 s = _mm512_mul_ps(as, bs);
+    __m512 f = _mm512_cvtepi32_ps(v);
+    if (ep.bias) {
+      const __m512 b = FULL ? _mm512_loadu_ps(ep.bias + n) : _mm512_maskz_loadu_ps(k, ep.bias + n);
+      f = _mm512_fmadd_ps(f, s, b);
+    } else {
+      f = _mm512_mul_ps(f, s);
+    }
     if (ep.act) f = act512(f, ep.act);
-    _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldc + n, k, f);
+    float* o = static_cast<float*>(ep.out) + m * ep.ldc + n;
+    if (FULL) _mm512_storeu_ps(o, f);
+    else _mm512_mask_storeu_ps(o, k, f);
   }
 }
 
@@ -142,9 +156,15 @@ TKD_AVX512 void micro(const int8_t* A, int64_t lda, const uint8_t* Bp, int64_t K
       c[r][3] = _mm512_dpbusd_epi32(c[r][3], b3, a);
     }
   }
+  if (nn == kVnniNR) {
 #pragma GCC unroll 6
-  for (int r = 0; r < R; ++r)
-    store_row(ep, c[r][0], c[r][1], c[r][2], c[r][3], corr[r], m0 + r, n0, nn);
+    for (int r = 0; r < R; ++r)
+      store_row<true>(ep, c[r][0], c[r][1], c[r][2], c[r][3], corr[r], m0 + r, n0, nn);
+  } else {
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+      store_row<false>(ep, c[r][0], c[r][1], c[r][2], c[r][3], corr[r], m0 + r, n0, nn);
+  }
 }
 
 }  // namespace
