@@ -5,8 +5,9 @@
 //
 // Three kernels share this driver, chosen at run time (`cpu_isa()`), each with its own packed
 // layout (a packed weight records the ISA it was packed for):
-//   avx512vnni  vpdpbusd on u8 (a + 128) x s8 quads, 6 x 64 tiles, a per-column correction in
-//               the epilogue (int8_gemm_avx512.cpp). 4 MACs per lane per instruction.
+//   avx512vnni  vpdpbusd on u8 (b + 128) x s8 a quads, 6 x 64 tiles, A rows read in place, a
+//               per-row correction in the epilogue (int8_gemm_avx512.cpp). 4 MACs per lane
+//               per instruction.
 //   avx2        operands WIDENED to int16 and multiplied with vpmaddwd (s16 x s16 -> s32 pair
 //               sums), never the saturating vpmaddubsw; 6 x 16 tiles.
 //   scalar      portable C++ on the avx2 layout (aarch64 included).
@@ -14,18 +15,22 @@
 //
 // Layouts (K padded with zeros to Kp, a multiple of the k group G: 2 int16 / 4 bytes):
 //   packed B: panels of NR columns; panel j holds, per k group, NR columns x G k:
-//             Bp[j][kg][c][G]; padded columns are zero. VNNI: then comp[n] = 128 sum_k b[n, k].
-//   packed A: panels of MR = 6 rows; per k group, its rows x G k: Ap[i][kg][r][G], panel i at
-//             offset i * 6 * Kp elements (only the last panel can be short).
+//             Bp[j][kg][c][G]; padded columns are zero. VNNI: bytes b ^ 0x80, padding u8 0.
+//   packed A (int16 layouts): panels of MR = 6 rows; per k group, its rows x G k:
+//             Ap[i][kg][r][G], panel i at offset i * 6 * Kp elements (only the last is short).
+//   A (VNNI): row-major int8 rows, no interleaving: the caller's rows in place when their k
+//             stride is 1 and K % 4 == 0, else rows copied (or, float input, quantized) into a
+//             row-major buffer of Kp bytes a row; with corr[m] = 128 sum_k a[m, k].
 // Blocking and threads: with enough rows, each thread takes whole row blocks (mc rows, ~160 KiB
-// of packed A, L2-resident), packs or quantizes them itself into a private buffer (no (M, K)
-// copy of A) and runs them against every B panel, which is reused by mc / 6 micro-kernels. With
-// few rows (M < threads * mc), or on one thread while all of packed A is <= 8 MiB, A is prepared
-// once and the B panels are split over threads. The whole K is reduced in registers (no kc
+// of A, L2-resident), prepares them itself (VNNI: the row corrections, or the copy / quantized
+// rows, into a private buffer; int16: packed panels; never an (M, K) copy of A) and runs them
+// against every B panel, which is reused by mc / 6 micro-kernels. With few rows (M < threads *
+// mc), or (int16 layouts) on one thread while all of packed A is <= 8 MiB, A is prepared once
+// and the B panels are split over threads. The whole K is reduced in registers (no kc
 // blocking), so the epilogue runs on registers: no int32 (M, N) tensor is written when a float
 // output is asked for. Threads come from our own pool (cpu_pool.h: work items claimed from a
 // counter, no barrier waits for a descheduled thread), not OpenMP; small problems run on fewer
-// threads (`gemm_threads`: ~1 M MACs per thread at least). Workspaces (packed A, row buffers)
+// threads (`gemm_threads`: ~1 M MACs per thread at least). Workspaces (A blocks, row buffers)
 // are per thread and kept between calls.
 //
 // ISA: the AVX2 functions carry __attribute__((target("avx2,fma,f16c"))), the AVX-512 ones live
