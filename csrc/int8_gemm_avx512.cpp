@@ -104,8 +104,8 @@ TKD_AVX512 inline void store_row(const Epilogue& ep, __m512i c0, __m512i c1, __m
       else _mm512_mask_storeu_epi32(o, k, v);
       continue;
     }
-    const __m512 bs = FULL ? _mm512_loadu_ps(ep.b_scale + n) : _mm512_maskz_loadu_ps(k, ep.b_scale + n);
-    const __m512 s = _mm512_mul_ps(as, bs);
+    const float* bsp = ep.b_scale + n;
+    const __m512 s = _mm512_mul_ps(as, FULL ? _mm512_loadu_ps(bsp) : _mm512_maskz_loadu_ps(k, bsp));
     __m512 f = _mm512_cvtepi32_ps(v);
     if (ep.bias) {
       const __m512 b = FULL ? _mm512_loadu_ps(ep.bias + n) : _mm512_maskz_loadu_ps(k, ep.bias + n);
@@ -179,16 +179,27 @@ void micro_vnni(int64_t rows, const int8_t* A, int64_t lda, const uint8_t* Bp, i
   t[rows](A, lda, Bp, Kq, corr, ep, m0, n0, nn);
 }
 
+// Whole vectors in a counted loop, then one masked tail: written as `for (k = 0; k < K; k += 64)`
+// with a mask per step, the -fwrapv in Python's build flags made this pass cost ~5% of a whole
+// GEMM at K = 3072 (docs/int8_gemm_cpu.md).
 TKD_AVX512 void row_corr_vnni(const int8_t* a, int64_t lda, int64_t rows, int64_t K,
                               int32_t* corr) {
   const __m512i ones = _mm512_set1_epi8(1);
+  const int64_t n64 = K / 64;
+  const __mmask64 tail = (~__mmask64{0}) >> (63 - (K % 64)) >> 1;  // the last K % 64 bytes
   for (int64_t r = 0; r < rows; ++r) {
-    const int8_t* row = a + r * lda;
-    __m512i acc = _mm512_setzero_si512();
-    for (int64_t k = 0; k < K; k += 64) {  // masked tail: no byte past K is read
-      const __mmask64 m = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
-      acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(m, row + k));
+    const int8_t* p = a + r * lda;
+    __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();  // 2 chains
+    for (int64_t i = n64 / 2; i > 0; --i, p += 128) {
+      acc0 = _mm512_dpbusd_epi32(acc0, ones, _mm512_loadu_si512(p));
+      acc1 = _mm512_dpbusd_epi32(acc1, ones, _mm512_loadu_si512(p + 64));
     }
+    if (n64 & 1) {
+      acc0 = _mm512_dpbusd_epi32(acc0, ones, _mm512_loadu_si512(p));
+      p += 64;
+    }
+    if (tail) acc1 = _mm512_dpbusd_epi32(acc1, ones, _mm512_maskz_loadu_epi8(tail, p));
+    const __m512i acc = _mm512_add_epi32(acc0, acc1);
     const uint32_t sum = static_cast<uint32_t>(_mm512_reduce_add_epi32(acc));
     corr[r] = static_cast<int32_t>(sum * 128u);  // wraps like the kernel's lanes (no UB)
   }

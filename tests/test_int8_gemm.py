@@ -247,11 +247,13 @@ def test_vnni_biased_accumulator_wraps_exactly():
 
 
 @pytest.mark.parametrize("nthreads", [1, 2])
-@pytest.mark.parametrize("K", [768, 771])
+@pytest.mark.parametrize("K", [196, 768, 771])
 @pytest.mark.parametrize("M", [5, 257, 700])
 def test_vnni_rows_in_place_and_copied(threads, nthreads, M, K):
     """The VNNI kernel reads int8 rows in place (unit k stride, K % 4 == 0: any row stride, any
-    byte offset) and copies the others (K % 4 != 0, zero-padded), on the row-block path (M past
+    byte offset) and copies the others (K % 4 != 0, zero-padded); the row sums of the correction
+    take whole 64-byte vectors, an odd one and a masked tail (K = 196: 3 x 64 + 4, K = 771:
+    12 x 64 + 3 + zero padding to 772), on the row-block path (M past
     2 row blocks at 2 threads, every M at 1) and the few-rows path (M = 5 at 2 threads: B panels
     split); the dynamic linear quantizes rows into the same blocks. Exact against int64 and the
     same results at 1 and 2 threads."""
