@@ -595,19 +595,19 @@ void gemm_vnni(const ASource& src, const uint8_t* Bp, int64_t M, int64_t N, int6
                         corr + (m0 - r0), ep, m0, n0, nn);
     }
   };
+  const bool in_place = vnni_in_place(src, K);
   if (T == 1 || M >= T * mc) {
     pool::parallel_for((M + mc - 1) / mc, T, [&](int64_t mb) {
       Scratch& sc = scratch(K, Kp);
       if (static_cast<int64_t>(sc.corr.size()) < mc) sc.corr.resize(static_cast<size_t>(mc));
       const int64_t r0 = mb * mc, r1 = std::min(M, r0 + mc);
       int64_t lda;
-      const int8_t* a = prepare_rows_vnni(src, K, r0, r1, grow(sc.a, mc * Kp), sc.corr.data(),
-                                          sc, &lda);
+      uint8_t* buf = in_place ? nullptr : grow(sc.a, mc * Kp);
+      const int8_t* a = prepare_rows_vnni(src, K, r0, r1, buf, sc.corr.data(), sc, &lda);
       compute(a, lda, sc.corr.data(), r0, r1, 0, panels);
     });
     return;
   }
-  const bool in_place = vnni_in_place(src, K);
   Scratch& own = scratch(K, Kp);  // the calling thread's workspace holds all of A (unless read
   if (static_cast<int64_t>(own.corr.size()) < M) own.corr.resize(static_cast<size_t>(M));
   uint8_t* buf = in_place ? nullptr : grow(own.a, M * Kp);  // in place) and its corrections
