@@ -11,6 +11,8 @@ Two tables:
 GOP/s = 2 * M * N * K / time. On CPU `torch._int_mm` is a slow reference loop: it is timed in the
 harness only where M <= 128, and once (a single call) at M = 4096.
 """
+import os
+import statistics
 import time
 import warnings
 
@@ -139,6 +141,45 @@ def _per_core(shapes):
         torch.set_num_threads(n)
 
 
+def _vs_fbgemm(shapes, rounds=9, pause_s=0.02):
+    """Issue 14's comparison at M = 4096: ours / fbgemm as the GEMM (int8 in) and as the dynamic
+    linear (float in and out), 1 and 2 threads. Calls are interleaved (ours, fbgemm, ours, ...)
+    and ratios are of medians. 1 thread: the calling thread's CPU time (scheduling waits on a
+    busy machine do not count). 2 threads: wall time, with a pause before each call so that the
+    previous call's spinning workers (OpenMP's, ours) have gone to sleep and do not take cores
+    from the call being timed."""
+    n = torch.get_num_threads()
+    print(f"ours / fbgemm at M=4096, interleaved, median of {rounds} (load average "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs):")
+    try:
+        for M, K, N in shapes:
+            if M < 4096:
+                continue
+            cells = []
+            for kind, make, peer in (("gemm", gemm_case, "fbgemm"),
+                                     ("linear", linear_case, "fbgemm_dynamic")):
+                case = make(M, K, N, torch.device("cpu"))
+                inputs = case.make_inputs()
+                fns = {"ours": case.providers["ours"].fn, peer: case.providers[peer].fn}
+                for threads, clock in ((1, time.thread_time), (2, time.perf_counter)):
+                    torch.set_num_threads(threads)
+                    times = {name: [] for name in fns}
+                    for fn in fns.values():
+                        fn(*inputs)
+                    for _ in range(rounds):
+                        for name, fn in fns.items():
+                            if threads > 1:
+                                time.sleep(pause_s)
+                            t0 = clock()
+                            fn(*inputs)
+                            times[name].append(clock() - t0)
+                    ratio = statistics.median(times[peer]) / statistics.median(times["ours"])
+                    cells.append(f"{kind} {threads}T {ratio:.2f}x")
+            print(f"  M={M} K={K} N={N}: " + ", ".join(cells))
+    finally:
+        torch.set_num_threads(n)
+
+
 def _gops(rows, shape, provider):
     for r in rows:
         if r["shape"] == shape and r["provider"] == provider and isinstance(r.get("ms"), float):
@@ -182,6 +223,7 @@ def main(device, quick=False):
                 print(f"  M={M} K={K} N={N}: {ms:.0f} ms, {gops:.2f} GOP/s "
                       f"(ours {ours / gops:.0f}x)")
         _per_core(shapes)
+        _vs_fbgemm(shapes)
     lin_rows = run_cases("int8_linear", [linear_case(M, K, N, device) for M, K, N in shapes],
                          device, resources=False)
     _summary(lin_rows, shapes, device)

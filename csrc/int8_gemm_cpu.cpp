@@ -5,8 +5,9 @@
 //
 // Three kernels share this driver, chosen at run time (`cpu_isa()`), each with its own packed
 // layout (a packed weight records the ISA it was packed for):
-//   avx512vnni  vpdpbusd on u8 (a + 128) x s8 quads, 6 x 64 tiles, a per-column correction in
-//               the epilogue (int8_gemm_avx512.cpp). 4 MACs per lane per instruction.
+//   avx512vnni  vpdpbusd on u8 (b + 128) x s8 a quads, 6 x 64 tiles, A rows read in place, a
+//               per-row correction in the epilogue (int8_gemm_avx512.cpp). 4 MACs per lane
+//               per instruction.
 //   avx2        operands WIDENED to int16 and multiplied with vpmaddwd (s16 x s16 -> s32 pair
 //               sums), never the saturating vpmaddubsw; 6 x 16 tiles.
 //   scalar      portable C++ on the avx2 layout (aarch64 included).
@@ -14,18 +15,22 @@
 //
 // Layouts (K padded with zeros to Kp, a multiple of the k group G: 2 int16 / 4 bytes):
 //   packed B: panels of NR columns; panel j holds, per k group, NR columns x G k:
-//             Bp[j][kg][c][G]; padded columns are zero. VNNI: then comp[n] = 128 sum_k b[n, k].
-//   packed A: panels of MR = 6 rows; per k group, its rows x G k: Ap[i][kg][r][G], panel i at
-//             offset i * 6 * Kp elements (only the last panel can be short).
+//             Bp[j][kg][c][G]; padded columns are zero. VNNI: bytes b ^ 0x80, padding u8 0.
+//   packed A (int16 layouts): panels of MR = 6 rows; per k group, its rows x G k:
+//             Ap[i][kg][r][G], panel i at offset i * 6 * Kp elements (only the last is short).
+//   A (VNNI): row-major int8 rows, no interleaving: the caller's rows in place when their k
+//             stride is 1 and K % 4 == 0, else rows copied (or, float input, quantized) into a
+//             row-major buffer of Kp bytes a row; with corr[m] = 128 sum_k a[m, k].
 // Blocking and threads: with enough rows, each thread takes whole row blocks (mc rows, ~160 KiB
-// of packed A, L2-resident), packs or quantizes them itself into a private buffer (no (M, K)
-// copy of A) and runs them against every B panel, which is reused by mc / 6 micro-kernels. With
-// few rows (M < threads * mc), or on one thread while all of packed A is <= 8 MiB, A is prepared
-// once and the B panels are split over threads. The whole K is reduced in registers (no kc
+// of A, L2-resident), prepares them itself (VNNI: the row corrections, or the copy / quantized
+// rows, into a private buffer; int16: packed panels; never an (M, K) copy of A) and runs them
+// against every B panel, which is reused by mc / 6 micro-kernels. With few rows (M < threads *
+// mc), or (int16 layouts) on one thread while all of packed A is <= 8 MiB, A is prepared once
+// and the B panels are split over threads. The whole K is reduced in registers (no kc
 // blocking), so the epilogue runs on registers: no int32 (M, N) tensor is written when a float
 // output is asked for. Threads come from our own pool (cpu_pool.h: work items claimed from a
 // counter, no barrier waits for a descheduled thread), not OpenMP; small problems run on fewer
-// threads (`gemm_threads`: ~1 M MACs per thread at least). Workspaces (packed A, row buffers)
+// threads (`gemm_threads`: ~1 M MACs per thread at least). Workspaces (A blocks, row buffers)
 // are per thread and kept between calls.
 //
 // ISA: the AVX2 functions carry __attribute__((target("avx2,fma,f16c"))), the AVX-512 ones live
@@ -91,21 +96,19 @@ void pack_b_panel_i16(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t
   }
 }
 
-// VNNI panel j: (Kp / 4, 64, 4) bytes, and comp for its 64 columns.
+// VNNI panel j: (Kp / 4, 64, 4) bytes u8 b + 128 (b ^ 0x80); padded k and columns are u8 0, so
+// the bytes an A row holds past K contribute nothing.
 void pack_b_panel_vnni(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, int64_t j,
-                       int8_t* out, int32_t* comp) {
+                       uint8_t* out) {
   constexpr int64_t NR = cpu::kVnniNR;
   const int64_t Kp = round_up(K, 4);
-  int8_t* dst = out + j * NR * Kp;
+  uint8_t* dst = out + j * NR * Kp;
   for (int64_t c = 0; c < NR; ++c) {
     const int64_t n = j * NR + c;
-    uint32_t sum = 0;  // unsigned: 128 * sum wraps like the kernel's lanes (no UB)
     for (int64_t k = 0; k < Kp; ++k) {
-      const int8_t v = (n < N && k < K) ? b[n * sn + k * sk] : 0;
+      const uint8_t v = (n < N && k < K) ? static_cast<uint8_t>(b[n * sn + k * sk]) ^ 0x80u : 0;
       dst[((k / 4) * NR + c) * 4 + k % 4] = v;
-      sum += static_cast<uint32_t>(static_cast<int32_t>(v));
     }
-    comp[n] = static_cast<int32_t>(sum * 128u);
   }
 }
 
@@ -223,13 +226,9 @@ int best_isa() { return cpu::vnni_supported() ? kVnni : cpu_has_avx2() ? kAvx2 :
 int current_isa() { return g_isa_override >= 0 ? g_isa_override : best_isa(); }
 
 // One micro-kernel call: rows x NR tile of C at (m0, n0) from an A panel and a B panel.
+// (int16 layouts; the VNNI kernel reads A in place: gemm_vnni)
 void micro(int isa, int64_t rows, const void* Ap, const void* Bp, int64_t Kp, const Epilogue& ep,
            int64_t m0, int64_t n0, int64_t nn) {
-  if (isa == kVnni) {
-    cpu::micro_vnni(rows, static_cast<const uint8_t*>(Ap), static_cast<const int8_t*>(Bp), Kp / 4,
-                    ep, m0, n0, nn);
-    return;
-  }
   using Fn = void (*)(const int16_t*, const int16_t*, int64_t, const Epilogue&, int64_t, int64_t,
                       int64_t);
 #if TKD_X86
@@ -392,6 +391,7 @@ struct Scratch {
   std::vector<float> f;    // one row as float32 (fp16 / bf16 input)
   std::vector<int8_t> q;   // one int8 row, zero-padded to Kp
   std::vector<int16_t> w;  // one row widened to int16 (int16 layouts)
+  std::vector<int32_t> corr;  // VNNI: the row corrections of a row block (or of all of A)
 };
 
 Scratch& scratch(int64_t K, int64_t Kp) {
@@ -407,10 +407,10 @@ uint8_t* grow(std::vector<uint8_t>& v, int64_t bytes) {
   return v.data();
 }
 
-// Rows [r0, r1) of A -> packed panels at dst (r0 % MR == 0). Per row: one int8 row in sc.q (copied
-// or quantized from x, zero-padded to Kp), then its k groups, one 32-bit word each, go to their
-// interleaved panel slots (kg * mr + r): int16 layouts widen the row first (a sign-extending loop
-// the compiler vectorizes), the VNNI layout flips each byte's sign bit (a + 128 as u8).
+// Rows [r0, r1) of A -> packed int16 panels at dst (r0 % MR == 0). Per row: one int8 row in sc.q
+// (copied or quantized from x, zero-padded to Kp), widened to int16 (a sign-extending loop the
+// compiler vectorizes), then its k pairs, one 32-bit word each, go to their interleaved panel
+// slots (kp * mr + r).
 void prepare_rows(const ASource& src, int isa, int64_t M, int64_t K, int64_t r0, int64_t r1,
                   uint8_t* dst, Scratch& sc) {
   const Layout L = layout(isa);
@@ -434,20 +434,52 @@ void prepare_rows(const ASource& src, int isa, int64_t M, int64_t K, int64_t r0,
         src.scale_out[m] = quantize_row(src.ptr, src.dtype, src.sm, m, K, sc.f.data(), q, avx2);
       }
       const int64_t words = Kp / L.group;
-      if (isa == kVnni) {
-        for (int64_t kq = 0; kq < words; ++kq) {
-          uint32_t v;
-          std::memcpy(&v, q + 4 * kq, 4);
-          panel[kq * mr + r] = v ^ 0x80808080u;  // a + 128: vpdpbusd's unsigned operand
-        }
-      } else {
-        int16_t* w = sc.w.data();
-        for (int64_t k = 0; k < Kp; ++k) w[k] = q[k];
-        for (int64_t kp = 0; kp < words; ++kp)
-          std::memcpy(panel + kp * mr + r, w + 2 * kp, 4);  // (a[m, 2kp], a[m, 2kp+1])
-      }
+      int16_t* w = sc.w.data();
+      for (int64_t k = 0; k < Kp; ++k) w[k] = q[k];
+      for (int64_t kp = 0; kp < words; ++kp)
+        std::memcpy(panel + kp * mr + r, w + 2 * kp, 4);  // (a[m, 2kp], a[m, 2kp+1])
     }
   }
+}
+
+// Rows [r0, r1) of A as the VNNI kernel reads them, returned with their row stride *lda: int8 rows
+// with a unit k stride and K % 4 == 0 are read in place (a row's last k quad ends at its last
+// byte); other int8 rows are copied into buf, and float rows quantized per token into it (Kp
+// bytes a row, zero-padded). corr[m - r0] = 128 sum_k a[m, k] either way.
+bool vnni_in_place(const ASource& src, int64_t K) {
+  return src.kind == 0 && src.sk == 1 && K % 4 == 0;
+}
+
+const int8_t* prepare_rows_vnni(const ASource& src, int64_t K, int64_t r0, int64_t r1,
+                                uint8_t* buf, int32_t* corr, Scratch& sc, int64_t* lda) {
+  const int64_t Kp = round_up(K, 4);
+  if (vnni_in_place(src, K)) {
+    const int8_t* a = static_cast<const int8_t*>(src.ptr) + r0 * src.sm;
+    cpu::row_corr_vnni(a, src.sm, r1 - r0, K, corr);
+    *lda = src.sm;
+    return a;
+  }
+  int8_t* dst = reinterpret_cast<int8_t*>(buf);
+  for (int64_t m = r0; m < r1; ++m) {
+    int8_t* q = dst + (m - r0) * Kp;
+    if (src.kind == 0) {
+      const int8_t* row = static_cast<const int8_t*>(src.ptr) + m * src.sm;
+      if (src.sk == 1) {
+        std::memcpy(q, row, static_cast<size_t>(K));
+      } else {
+        for (int64_t k = 0; k < K; ++k) q[k] = row[k * src.sk];
+      }
+      std::memset(q + K, 0, static_cast<size_t>(Kp - K));
+      cpu::row_corr_vnni(q, Kp, 1, K, corr + (m - r0));
+    } else {
+      const int64_t esize = src.dtype == 0 ? 4 : 2;
+      const float* xf = row_as_float(static_cast<const char*>(src.ptr) + m * src.sm * esize,
+                                     src.dtype, K, sc.f.data());
+      src.scale_out[m] = cpu::quantize_row_vnni(xf, K, Kp, q, corr + (m - r0));
+    }
+  }
+  *lda = Kp;
+  return dst;
 }
 
 // Fresh outputs larger than glibc's mmap threshold arrive as untouched pages, faulted in 4 KiB at
@@ -508,18 +540,16 @@ std::string set_cpu_isa(const std::string& isa) {
 int64_t packed_b_bytes(int64_t N, int64_t K, int isa) {
   const Layout L = layout(isa);
   const int64_t Np = round_up(N, L.nr);
-  return Np * round_up(K, L.group) * L.esize + (isa == kVnni ? Np * 4 : 0);
+  return Np * round_up(K, L.group) * L.esize;
 }
 
 void pack_b(const int8_t* b, int64_t N, int64_t K, int64_t sn, int64_t sk, void* out, int isa,
             int64_t nthreads) {
   const Layout L = layout(isa);
   const int64_t panels = round_up(N, L.nr) / L.nr;
-  const int64_t body = round_up(N, L.nr) * round_up(K, L.group) * L.esize;
   pool::parallel_for(panels, clamp_threads(nthreads), [&](int64_t j) {
     if (isa == kVnni) {
-      pack_b_panel_vnni(b, N, K, sn, sk, j, static_cast<int8_t*>(out),
-                        reinterpret_cast<int32_t*>(static_cast<uint8_t*>(out) + body));
+      pack_b_panel_vnni(b, N, K, sn, sk, j, static_cast<uint8_t*>(out));
     } else {
       pack_b_panel_i16(b, N, K, sn, sk, j, static_cast<int16_t*>(out));
     }
@@ -546,6 +576,56 @@ int64_t gemm_threads(int64_t M, int64_t N, int64_t K, int64_t nthreads) {
   return std::max<int64_t>(1, std::min<int64_t>(clamp_threads(nthreads), macs / kMacsPerThread));
 }
 
+// The VNNI driver. Row blocks (mc rows, A and its corrections prepared by the thread that takes
+// the block; int8 rows in place) each run against every B panel, the block's micro-tiles inner,
+// so a B panel is reused from L1/L2 by mc / 6 micro-kernels and the block's rows stay in L2. With
+// few rows on several threads (M < T * mc), A is prepared once and the B panels are split.
+void gemm_vnni(const ASource& src, const uint8_t* Bp, int64_t M, int64_t N, int64_t K,
+               const Epilogue& ep, int64_t T) {
+  constexpr int64_t NR = cpu::kVnniNR;
+  const int64_t Kp = round_up(K, 4), panels = round_up(N, NR) / NR, mc = block_rows(Kp);
+  // rows [r0, r1) of the block at a (row stride lda) x panels [j0, j1)
+  auto compute = [&](const int8_t* a, int64_t lda, const int32_t* corr, int64_t r0, int64_t r1,
+                     int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint8_t* bp = Bp + j * NR * Kp;
+      const int64_t n0 = j * NR, nn = std::min(NR, N - n0);
+      for (int64_t m0 = r0; m0 < r1; m0 += MR)
+        cpu::micro_vnni(std::min(MR, r1 - m0), a + (m0 - r0) * lda, lda, bp, Kp / 4,
+                        corr + (m0 - r0), ep, m0, n0, nn);
+    }
+  };
+  const bool in_place = vnni_in_place(src, K);
+  if (T == 1 || M >= T * mc) {
+    pool::parallel_for((M + mc - 1) / mc, T, [&](int64_t mb) {
+      Scratch& sc = scratch(K, Kp);
+      if (static_cast<int64_t>(sc.corr.size()) < mc) sc.corr.resize(static_cast<size_t>(mc));
+      const int64_t r0 = mb * mc, r1 = std::min(M, r0 + mc);
+      int64_t lda;
+      uint8_t* buf = in_place ? nullptr : grow(sc.a, mc * Kp);
+      const int8_t* a = prepare_rows_vnni(src, K, r0, r1, buf, sc.corr.data(), sc, &lda);
+      compute(a, lda, sc.corr.data(), r0, r1, 0, panels);
+    });
+    return;
+  }
+  Scratch& own = scratch(K, Kp);  // the calling thread's workspace holds all of A (unless read
+  if (static_cast<int64_t>(own.corr.size()) < M) own.corr.resize(static_cast<size_t>(M));
+  uint8_t* buf = in_place ? nullptr : grow(own.a, M * Kp);  // in place) and its corrections
+  int32_t* corr = own.corr.data();
+  const int64_t a_panels = (M + MR - 1) / MR;
+  // a few rows per work item: preparing a row costs far less than the pool's hand-off
+  const int64_t per_item = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K * MR, 1));
+  pool::parallel_for((a_panels + per_item - 1) / per_item, T, [&](int64_t i) {
+    const int64_t r0 = i * per_item * MR, r1 = std::min(M, r0 + per_item * MR);
+    int64_t ld;
+    prepare_rows_vnni(src, K, r0, r1, in_place ? nullptr : buf + r0 * Kp, corr + r0,
+                      scratch(K, Kp), &ld);
+  });
+  const int8_t* a = in_place ? static_cast<const int8_t*>(src.ptr) : reinterpret_cast<int8_t*>(buf);
+  const int64_t lda = in_place ? src.sm : Kp;
+  pool::parallel_for(panels, T, [&](int64_t j) { compute(a, lda, corr, 0, M, j, j + 1); });
+}
+
 static void gemm(const ASource& src, const void* Bp_, int isa, int64_t M, int64_t N, int64_t K,
                  void* out, int64_t ldc, const float* a_scale, const float* b_scale,
                  const float* bias, int act, int64_t nthreads) {
@@ -553,12 +633,14 @@ static void gemm(const ASource& src, const void* Bp_, int isa, int64_t M, int64_
   const uint8_t* Bp = static_cast<const uint8_t*>(Bp_);
   const int64_t Kp = round_up(K, L.group), T = gemm_threads(M, N, K, nthreads);
   const int64_t Np = round_up(N, L.nr);
-  const int32_t* comp =
-      isa == kVnni ? reinterpret_cast<const int32_t*>(Bp + Np * Kp * L.esize) : nullptr;
-  const Epilogue ep{out, ldc, a_scale != nullptr, a_scale, b_scale, bias, comp,
+  const Epilogue ep{out, ldc, a_scale != nullptr, a_scale, b_scale, bias,
                     a_scale != nullptr ? act : 0};
   const int64_t out_bytes = M * ldc * 4;  // int32 or float32
   if (out_bytes >= (int64_t{8} << 20)) advise_huge_pages(out, out_bytes);
+  if (isa == kVnni) {
+    gemm_vnni(src, Bp, M, N, K, ep, T);
+    return;
+  }
   const int64_t row_bytes = Kp * L.esize, mc = block_rows(row_bytes);
   // One thread: row blocks only once all of packed A (swept again for every B panel by the
   // few-rows path) is past 8 MiB, a measured threshold (docs/int8_gemm_cpu.md).

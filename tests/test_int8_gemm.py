@@ -246,6 +246,42 @@ def test_vnni_biased_accumulator_wraps_exactly():
         G.set_cpu_isa("auto")
 
 
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("K", [196, 768, 771])
+@pytest.mark.parametrize("M", [5, 257, 700])
+def test_vnni_rows_in_place_and_copied(threads, nthreads, M, K):
+    """The VNNI kernel reads int8 rows in place (unit k stride, K % 4 == 0: any row stride, any
+    byte offset) and copies the others (K % 4 != 0, zero-padded); the row sums of the correction
+    take whole 64-byte vectors, an odd one and a masked tail (K = 196: 3 x 64 + 4, K = 771:
+    12 x 64 + 3 + zero padding to 772), on the row-block path (M past
+    2 row blocks at 2 threads, every M at 1) and the few-rows path (M = 5 at 2 threads: B panels
+    split); the dynamic linear quantizes rows into the same blocks. Exact against int64 and the
+    same results at 1 and 2 threads."""
+    _force_isa("avx512vnni")
+    torch.set_num_threads(nthreads)
+    try:
+        wide = rand_i8(M, K + 13, lo=-128)
+        a = wide[:, 5:5 + K]  # row stride K + 13, rows start at odd byte offsets
+        a[0], a[-1, : K // 2] = -128, 127
+        b = rand_i8(515, K, lo=-128)
+        assert torch.equal(tkd_core.ops.int8_gemm(a, b).long(), exact(a, b))
+        assert torch.equal(tkd_core.ops.int8_gemm(a.contiguous(), b).long(), exact(a, b))
+        sa, sb, bias = torch.rand(M) + 0.5, torch.rand(515) + 0.5, torch.randn(515)
+        y = tkd_core.ops.int8_gemm(a, b, sa, sb, bias)
+        ref = exact(a, b).double() * sa.double()[:, None] * sb.double()[None, :] + bias.double()
+        assert_close(y, ref, 1e-6, f"epilogue M={M} K={K}")
+        lin = Int8Linear.from_float(torch.nn.Linear(K, 515))
+        x = torch.randn(M, K)
+        q, s = G.quantize_per_token_ref(x)
+        with torch.no_grad():
+            y = lin(x)
+        acc = exact(q, lin.weight).double()
+        ref = acc * s.double()[:, None] * lin.weight_scale.double()[None, :] + lin.bias.double()
+        assert_close(y, ref, 1e-6, f"dynamic linear M={M} K={K}")
+    finally:
+        G.set_cpu_isa("auto")
+
+
 ACTS = ["gelu", "gelu_tanh", "relu"]
 
 

@@ -17,19 +17,20 @@ row), q = clamp(round_half_even(x / scale), -127, 127), so q never takes -128 an
 
 Non-finite inputs propagate: a row holding NaN or +-inf quantizes to q = 0 with scale NaN, so
 the epilogue makes every output of that row NaN (nn.Linear gives NaN or +-inf there): a bad
-token never turns into finite numbers. The C++ quantizer (AVX2 and scalar), the torch reference
-(which the CUDA path uses) and the CUDA GEMM's epilogue all do this.
+token never turns into finite numbers. The C++ quantizers (AVX-512, AVX2, scalar), the torch
+reference (which the CUDA path uses) and the CUDA GEMM's epilogue all do this.
 
 Dispatch. CPU tensors run our C++ kernel, exact, chosen at run time (`cpu_isa()`): AVX-512 VNNI
-(vpdpbusd on a + 128 with a per-column correction), else AVX2 (vpmaddwd on widened int16
-operands), else portable scalar code; it IS the fast CPU path of this op.
+(vpdpbusd on the weight packed as b + 128, a per-row correction), else AVX2 (vpmaddwd on widened
+int16 operands), else portable scalar code; it IS the fast CPU path of this op.
 CUDA tensors run the tensor-core kernel (mma.sync m16n8k32 s8, cp.async pipeline) when
 `tkd_core._C` was built with CUDA, else a clear error. The TRITON_INTERPRET rule of the other ops
 does not apply here: this op has no Triton kernel.
 
-Weights are packed once (`pack_weight`, the layout of the ISA in use); activations are packed
-per call inside the kernel call, and for `tkd_core.nn.Int8Linear` quantized per token there too
-(one read of x, `quantized_linear_cpu`). Threads: `torch.get_num_threads()` (or
+Weights are packed once (`pack_weight`, the layout of the ISA in use); activations are prepared
+per call inside the kernel call (AVX-512 VNNI: int8 rows read in place; AVX2 / scalar: packed
+panels), and for `tkd_core.nn.Int8Linear` quantized per token there too (one read of x,
+`quantized_linear_cpu`). Threads: `torch.get_num_threads()` (or
 `kernel_threads(n)`), on the extension's own pool, not OpenMP (csrc/cpu_pool.h).
 
 This file reads top to bottom: the extension (the kernels live in csrc/), the launchers, the
