@@ -77,6 +77,15 @@ class Pool {
     if (waited > kStallNs && waited > 8 * item) backoff_until_ns_ = now_ns() + kBackoffNs;
   }
 
+  bool backing_off() {
+    std::lock_guard<std::mutex> busy(run_mu_);
+    return now_ns() < backoff_until_ns_;
+  }
+  void reset_backoff() {
+    std::lock_guard<std::mutex> busy(run_mu_);
+    backoff_until_ns_ = 0;
+  }
+
   void after_fork_in_child() {  // the helpers do not exist in the child: forget them
     helpers_.clear();           // (the std::thread objects are leaked on purpose)
     sleeping_.store(0);
@@ -154,6 +163,9 @@ Pool& the_pool() {
 void parallel_for(int64_t n, int64_t threads, const std::function<void(int64_t)>& fn) {
   the_pool().run(n, threads, fn);
 }
+
+bool backing_off() { return the_pool().backing_off(); }
+void reset_backoff() { the_pool().reset_backoff(); }
 
 }  // namespace pool
 }  // namespace tkd

@@ -25,5 +25,9 @@ namespace pool {
 
 void parallel_for(int64_t n, int64_t threads, const std::function<void(int64_t)>& fn);
 
+// Tests: whether calls currently run inline after a stall, and clearing that state.
+bool backing_off();
+void reset_backoff();
+
 }  // namespace pool
 }  // namespace tkd
