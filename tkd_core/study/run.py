@@ -62,7 +62,7 @@ def parse_args(argv=None):
     a("--student-set", nargs="*", default=[], metavar="KEY=VALUE",
       help="ModelConfig overrides of the Transformer students")
     a("--baseline-prefix", default="cpu", help="presets <prefix>-{bilstm,rnn,lstm,cnn}")
-    a("--teacher-epochs", type=float, default=1)
+    a("--teacher-epochs", type=float, default=None, help="default 1; --pretrained: 2")
     a("--student-epochs", type=float, default=None, help="TKD-NLP, T-NLP, KD-BiLSTM (default: "
       "3; --pretrained: 1, the 2-layer students)")
     a("--baseline-epochs", type=float, default=3, help="RNN, LSTM, CNN (--pretrained: also "
@@ -138,6 +138,7 @@ def parse_args(argv=None):
             raise ValueError(f"--pretrained {args.pretrained}: not a Hugging Face model folder "
                              "(config.json and weights)")
     pre = bool(args.pretrained)
+    args.teacher_epochs = args.teacher_epochs or (2 if pre else 1)
     args.student_epochs = args.student_epochs or (1 if pre else 3)
     args.teacher_lr = args.teacher_lr or (1e-4 if pre else 5e-4)
     args.out = args.out or os.path.join("runs", spec.name + ("-pretrained" if pre else ""))
