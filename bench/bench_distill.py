@@ -78,13 +78,8 @@ def _step_fn(student, objective, batch):
 
 
 def main(device, quick=False, threads=1):
-    from tkd_core.measure import cpu_threads
-    old = os.environ.get("TRITON_INTERPRET")
-    if device.type == "cpu":
-        os.environ["TRITON_INTERPRET"] = "0"  # our ops: the torch-reference CPU path
-        torch.set_num_threads(cpu_threads(threads))
     rows = []
-    try:
+    with harness.cpu_reference_ops(device, threads):
         torch.manual_seed(0)
         tcfg = ModelConfig(**TEACHER)
         teacher = build_model(tcfg).to(device).eval()
@@ -113,11 +108,6 @@ def main(device, quick=False, threads=1):
         rows.append(dict(op="distill", shape="6L h384 teacher, B=256 S=16, no grad",
                          provider="teacher-logits pass (once)", ms=fwd * 1e3,
                          tokens_per_s=int(batch["attention_mask"].sum()) / fwd))
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
     th = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
     harness.print_table(f"distill step ({harness.device_name(device)}{th})", rows,
                         ["shape", "provider", "ms", "tokens_per_s", "cost_vs_cached_logits"])

@@ -25,7 +25,7 @@ from torch import nn
 
 from bench import harness
 from bench.bench_train import make_batch
-from tkd_core.measure import cpu_threads, param_count
+from tkd_core.measure import param_count
 
 MINILM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                       "models", "all-MiniLM-L6-v2")
@@ -102,13 +102,9 @@ def main(device, quick=False):
         print(f"\n== hf ==\nskipped: the checkpoint {os.path.normpath(MINILM)} is absent\n")
         return []
     amp = torch.bfloat16 if device.type == "cuda" else None
-    old = os.environ.get("TRITON_INTERPRET")
-    if device.type == "cpu":
-        os.environ["TRITON_INTERPRET"] = "0"  # our ops: the torch-reference CPU path
-        torch.set_num_threads(cpu_threads(0))
     reps = {"train": 3 if quick else 8, "infer b=1": 10 if quick else 40,
             "infer b=32": 3 if quick else 10}
-    try:
+    with harness.cpu_reference_ops(device):
         models = load(device)
         cfg = models["ours"].config
         train_batch = make_batch(cfg, B_TRAIN, S, device)
@@ -122,11 +118,6 @@ def main(device, quick=False):
             medians[f"infer b={bsz}"] = harness.interleaved(
                 {n: infer_call(m.eval(), batch, amp) for n, m in models.items()},
                 reps[f"infer b={bsz}"], device)
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
     rows = []
     for mode, med in medians.items():
         for name, m in models.items():

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bench import harness
-from tkd_core.measure import cpu_threads, param_count
+from tkd_core.measure import param_count
 from tkd_core.models import ModelConfig, build_model
 
 
@@ -76,12 +76,8 @@ def main(device, quick=False):
     if device.type == "cuda":
         shapes.append(("bert-base", 32, 128))
     amp_dtype = torch.float16 if device.type == "cuda" else None
-    old = os.environ.get("TRITON_INTERPRET")
-    if device.type == "cpu":
-        os.environ["TRITON_INTERPRET"] = "0"  # our ops: the torch-reference CPU path
-        torch.set_num_threads(cpu_threads(0))  # 1 thread when other processes load the CPU
     rows = []
-    try:
+    with harness.cpu_reference_ops(device):  # 1 thread when other processes load the CPU
         for preset, B, S in shapes:
             cfg = ModelConfig.preset(preset, vocab_size=8000, hidden_dropout=0.0,
                                      attention_dropout=0.0)
@@ -101,11 +97,6 @@ def main(device, quick=False):
                                  params=param_count(model), ms=dt * 1e3,
                                  tokens_per_s=tokens / dt))
             rows[-2]["ratio_vs_torch"] = peers["torch.nn.TransformerEncoder"] / peers["ours"]
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     harness.print_table(f"train ({harness.device_name(device)}{threads})", rows,
                         ["shape", "dtype", "provider", "params", "ms", "tokens_per_s",

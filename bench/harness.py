@@ -8,6 +8,7 @@ extension) are timed with a median of repeated runs. On CPU the harness also pri
 static GPU resource use (registers, shared memory, spills on sm_80 / sm_90), compiled ahead of
 time, and the op's GPU targets, which are targets, not measurements.
 """
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -72,13 +73,16 @@ def time_ms(fn, inputs, device, reps=20, warmup=3):
 
 
 def interleaved(fns, reps, device, warmup=2):
-    """{name: median seconds} of fns' calls, timed one call of each in turn, `reps` times."""
+    """{name: median seconds} of fns' calls, timed one call of each in turn, `reps` times, the
+    order rotated every round (what runs after what is not always the same)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(reps):  # each round starts one provider later: no fixed position in a round
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -201,6 +205,25 @@ def _write_csv(op_name, rows, device):
             w.writerow(dict(r, device=device_name(device), torch=torch.__version__,
                             triton=triton.__version__))
     return path
+
+
+@contextlib.contextmanager
+def cpu_reference_ops(device, threads: int = 0):
+    """On CPU, for the timed model benches: our ops take their torch-reference path (the fast
+    CPU path; interpreted Triton kernels are for correctness, not speed) and torch runs on
+    `cpu_threads(threads)` threads; TRITON_INTERPRET is restored afterwards."""
+    old = os.environ.get("TRITON_INTERPRET")
+    if device.type == "cpu":
+        from tkd_core.measure import cpu_threads
+        os.environ["TRITON_INTERPRET"] = "0"
+        torch.set_num_threads(cpu_threads(threads))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 def default_device(name: Optional[str] = None):
