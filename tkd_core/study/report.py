@@ -81,12 +81,12 @@ def _noise_from(g, a, b) -> str:
 def _seeds_note(g, n_seeds: int) -> str:
     """Which rows have fewer seeds than the study's most, and the length of one of their runs
     (the issue allows 2 seeds for a row whose single run exceeds 15 minutes)."""
-    one_run = ("tfidf", "int8", "tkd-noaug", "tkd-hidden", "tkd-attn")  # by design
+    one_run = ("teacher", "tfidf", "int8", "tkd-noaug", "tkd-hidden", "tkd-attn")  # by design
     fewer = [r for k, r in g.items() if r["n"] < n_seeds and k not in one_run
              and r.get("train_wall_s") is not None]
     if not fewer:
-        return f"Seeds: {n_seeds} for every row but the one-seed ablations."
-    return (f"Seeds: {n_seeds} for every row but the one-seed ablations and " +
+        return f"Seeds: {n_seeds} for every student row but the one-seed ablations."
+    return (f"Seeds: {n_seeds} for every student row but the one-seed ablations and " +
             ", ".join(f"{r['label']} ({r['n']}: one run takes {r['train_wall_s'] / 60:.0f} min "
                       "of training wall time)" for r in fewer) + ".")
 
@@ -134,7 +134,8 @@ def write_report(path: str, res: dict) -> None:
           "latency is vectorize + predict of raw dev sentences (no token length). Train wall = "
           "seconds this study spent in the job, summed over its attempts, with the teacher's "
           "logit passes moved from the job that ran them to every row that reads them: each "
-          "distilled row is charged the whole pass over its training items" +
+          "distilled row is charged the whole pass over its training items (the teacher's "
+          "forwards, as timed by the job that ran them)" +
           _passes(res) + ".", ""]
     temps = [] if pre else [(t, g.get(tkd_group(t))) for t in cfg["temperatures"]]
     temps = [(t, r) for t, r in temps if r and r["accuracy"] is not None]
