@@ -12,26 +12,17 @@ _C = pytest.importorskip("tkd_core._C", reason="the C++ extension is not built")
 
 
 def test_pool_runs_inline_for_a_while_after_a_helper_stalled_the_caller():
-    # A helper that holds an item for 20 ms makes the caller wait (> 0.3 ms, > 8 items): the
-    # pool backs off. On a busy machine a try can miss (no helper woke in time, or the caller
-    # itself was descheduled until the helper was done), so tries repeat; 20 tries with a
-    # helper at work and no back-off is a failure.
     _C.pool_reset_backoff()
-    with_helper = 0
-    for _ in range(200):
+    for _ in range(100):  # a helper must take an item (it may not wake in time on a busy box)
         by_helpers, backing_off = _C.pool_probe(256, 2, 20, 20_000)
-        if backing_off:
+        if by_helpers:
             break
-        with_helper += by_helpers > 0
-        assert with_helper < 20, "helpers stalled the caller 20 times, the pool never backed off"
     else:
-        pytest.skip("no helper thread ran an item in 200 tries (machine too busy)")
-    t0 = time.monotonic()
-    again = _C.pool_probe(256, 2, 20, 20_000)
-    if time.monotonic() - t0 < 0.1:  # well inside the 0.2 s back-off: inline, no helper
-        assert again == (0, True)
-    time.sleep(0.3)
-    assert _C.pool_probe(1, 2, 1, 0) == (0, False)  # the back-off is over
+        pytest.skip("no helper thread ran an item in 100 tries (machine too busy)")
+    assert backing_off  # the caller waited ~20 ms for the helper's item: > 0.3 ms, > 8 items
+    assert _C.pool_probe(256, 2, 20, 20_000) == (0, True)  # now inline: no helper, no wait
+    time.sleep(0.3)  # the back-off lasts 0.2 s
+    assert _C.pool_probe(1, 2, 1, 0) == (0, False)
     _C.pool_reset_backoff()
 
 
