@@ -6,11 +6,6 @@
 
 #include <cstdint>
 
-#include <atomic>
-#include <chrono>
-#include <thread>
-
-#include "cpu_pool.h"
 #include "encoder_cpu.h"
 #include "int8_gemm_cpu.h"
 #ifdef TKD_WITH_CUDA
@@ -31,28 +26,6 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("cpu_isa", &tkd::cpu_isa,
         "ISA of the CPU path in use: 'avx512vnni', 'avx2' or 'scalar'");
-  m.def("pool_probe", [](int64_t n, int64_t threads, int64_t item_us, int64_t helper_delay_us) {
-    // n items of ~item_us each on the pool; an item a helper runs first sleeps helper_delay_us
-    // (a helper the OS descheduled). Returns (items run by helpers, backing off afterwards).
-    const auto caller = std::this_thread::get_id();
-    std::atomic<int64_t> by_helpers{0};
-    bool backing_off;
-    {
-      py::gil_scoped_release nogil;
-      tkd::pool::parallel_for(n, threads, [&](int64_t) {
-        if (std::this_thread::get_id() != caller && by_helpers.fetch_add(1) == 0)
-          std::this_thread::sleep_for(std::chrono::microseconds(helper_delay_us));
-        const auto until =
-            std::chrono::steady_clock::now() + std::chrono::microseconds(item_us);
-        while (std::chrono::steady_clock::now() < until) {
-        }
-      });
-      backing_off = tkd::pool::backing_off();
-    }
-    return py::make_tuple(by_helpers.load(), backing_off);
-  }, py::arg("n"), py::arg("threads"), py::arg("item_us"), py::arg("helper_delay_us"),
-        "tests: the pool's stall back-off (see csrc/cpu_pool.h)");
-  m.def("pool_reset_backoff", &tkd::pool::reset_backoff, "tests: clear the back-off state");
   m.def("cpu_isa_code", &tkd::cpu_isa_code, "the same as a code: 2, 1 or 0");
   m.def("set_cpu_isa", &tkd::set_cpu_isa, py::arg("isa"),
         "'scalar' / 'avx2' force a path (for tests), 'auto' restores detection");

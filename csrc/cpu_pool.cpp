@@ -36,18 +36,11 @@ struct Job {
   std::atomic<int> seats;        // helpers that may still join
 };
 
-inline int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 class Pool {
  public:
   void run(int64_t n, int64_t threads, const std::function<void(int64_t)>& fn) {
     std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
-    if (!busy.owns_lock() || threads <= 1 || n <= 1 ||  // one job at a time; small: inline
-        now_ns() < backoff_until_ns_) {                 // helpers were descheduled lately
+    if (!busy.owns_lock() || threads <= 1 || n <= 1) {  // one job at a time; small: inline
       for (int64_t i = 0; i < n; ++i) fn(i);
       return;
     }
@@ -62,28 +55,10 @@ class Pool {
       std::lock_guard<std::mutex> lk(mu_);
       cv_.notify_all();
     }
-    const int64_t t0 = now_ns();
-    const int64_t mine = work(job);
-    const int64_t t1 = now_ns();
+    work(job);
     while (job.done.load(std::memory_order_acquire) < n) relax();  // claimed by helpers
     job_.store(nullptr);
     while (inside_.load() > 0) relax();  // a helper between reading job_ and leaving it
-    // A helper holding an item past the caller's end by much more than an item takes was
-    // descheduled (the machine is busy): the caller waited for a scheduler time slice. Then
-    // run the next calls inline for a while (kBackoffNs) instead of paying that again at every
-    // call; on an idle machine this never triggers. Item time: the caller's own mean.
-    const int64_t waited = now_ns() - t1;
-    const int64_t item = mine > 0 ? (t1 - t0) / mine : t1 - t0;
-    if (waited > kStallNs && waited > 8 * item) backoff_until_ns_ = now_ns() + kBackoffNs;
-  }
-
-  bool backing_off() {
-    std::lock_guard<std::mutex> busy(run_mu_);
-    return now_ns() < backoff_until_ns_;
-  }
-  void reset_backoff() {
-    std::lock_guard<std::mutex> busy(run_mu_);
-    backoff_until_ns_ = 0;
   }
 
   void after_fork_in_child() {  // the helpers do not exist in the child: forget them
@@ -97,19 +72,13 @@ class Pool {
   }
 
  private:
-  static int64_t work(Job& job) {  // returns the number of items this thread ran
-    int64_t i, count = 0;
+  static void work(Job& job) {
+    int64_t i;
     while ((i = job.next.fetch_add(1)) < job.n) {
       (*job.fn)(i);
       job.done.fetch_add(1, std::memory_order_release);
-      ++count;
     }
-    return count;
   }
-
-  static constexpr int64_t kStallNs = 300 * 1000;          // 0.3 ms: far above any item's skew
-  static constexpr int64_t kBackoffNs = 200 * 1000 * 1000;  // 0.2 s inline, then try again
-  int64_t backoff_until_ns_ = 0;                            // guarded by run_mu_
 
   void grow(int want) {
     while (static_cast<int>(helpers_.size()) < want)
@@ -163,9 +132,6 @@ Pool& the_pool() {
 void parallel_for(int64_t n, int64_t threads, const std::function<void(int64_t)>& fn) {
   the_pool().run(n, threads, fn);
 }
-
-bool backing_off() { return the_pool().backing_off(); }
-void reset_backoff() { the_pool().reset_backoff(); }
 
 }  // namespace pool
 }  // namespace tkd

@@ -8,11 +8,6 @@
 // slice at every fork and join (measured with OpenMP on 2 busy cores: a 6-layer INT8 forward,
 // 25 GEMMs, 380 ms at 2 threads against 8 ms at 1).
 //
-// A helper can still be descheduled while it holds an item, and the caller then waits for it.
-// When that happens (the caller waited > 0.3 ms and > 8 item times after finishing its own
-// share), the next calls run inline on the caller for 0.2 s, then helpers are tried again: on a
-// busy machine the kernels run at one thread's speed instead of stalling at every call.
-//
 // Helpers spin briefly (~50 us) after a job, then sleep on a condition variable. One job at a
 // time: a second caller (another Python thread; the GIL is released in the kernels) runs its
 // items itself. After fork() the child starts with no helpers.
@@ -24,10 +19,6 @@ namespace tkd {
 namespace pool {
 
 void parallel_for(int64_t n, int64_t threads, const std::function<void(int64_t)>& fn);
-
-// Tests: whether calls currently run inline after a stall, and clearing that state.
-bool backing_off();
-void reset_backoff();
 
 }  // namespace pool
 }  // namespace tkd
