@@ -407,6 +407,16 @@ uint8_t* grow(std::vector<uint8_t>& v, int64_t bytes) {
   return v.data();
 }
 
+// Row m of an int8 A (any k stride) into q[0, K).
+inline void copy_int8_row(const ASource& src, int64_t m, int64_t K, int8_t* q) {
+  const int8_t* row = static_cast<const int8_t*>(src.ptr) + m * src.sm;
+  if (src.sk == 1) {
+    std::memcpy(q, row, static_cast<size_t>(K));
+  } else {
+    for (int64_t k = 0; k < K; ++k) q[k] = row[k * src.sk];
+  }
+}
+
 // Rows [r0, r1) of A -> packed int16 panels at dst (r0 % MR == 0). Per row: one int8 row in sc.q
 // (copied or quantized from x, zero-padded to Kp), widened to int16 (a sign-extending loop the
 // compiler vectorizes), then its k pairs, one 32-bit word each, go to their interleaved panel
@@ -424,12 +434,7 @@ void prepare_rows(const ASource& src, int isa, int64_t M, int64_t K, int64_t r0,
     for (int64_t r = 0; r < mr; ++r) {
       const int64_t m = p + r;
       if (src.kind == 0) {
-        const int8_t* row = static_cast<const int8_t*>(src.ptr) + m * src.sm;
-        if (src.sk == 1) {
-          std::memcpy(q, row, static_cast<size_t>(K));
-        } else {
-          for (int64_t k = 0; k < K; ++k) q[k] = row[k * src.sk];
-        }
+        copy_int8_row(src, m, K, q);
       } else {
         src.scale_out[m] = quantize_row(src.ptr, src.dtype, src.sm, m, K, sc.f.data(), q, avx2);
       }
@@ -463,12 +468,7 @@ const int8_t* prepare_rows_vnni(const ASource& src, int64_t K, int64_t r0, int64
   for (int64_t m = r0; m < r1; ++m) {
     int8_t* q = dst + (m - r0) * Kp;
     if (src.kind == 0) {
-      const int8_t* row = static_cast<const int8_t*>(src.ptr) + m * src.sm;
-      if (src.sk == 1) {
-        std::memcpy(q, row, static_cast<size_t>(K));
-      } else {
-        for (int64_t k = 0; k < K; ++k) q[k] = row[k * src.sk];
-      }
+      copy_int8_row(src, m, K, q);
       std::memset(q + K, 0, static_cast<size_t>(Kp - K));
       cpu::row_corr_vnni(q, Kp, 1, K, corr + (m - r0));
     } else {
