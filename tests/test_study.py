@@ -395,3 +395,17 @@ def test_charged_wall_moves_logit_passes_to_their_readers(tmp_path):
     assert measurements.charged_wall(old, job_dir("kd2", [50.0], []), str(out)) == (50.0, None)
     student = J("st", "st", "student")
     assert measurements.charged_wall(student, job_dir("st", [], []), str(out)) == (None, None)
+
+
+def test_seeds_note_names_rows_short_of_their_planned_seeds():
+    cfg = {"models": {"teacher": {"seeds": [0]}, "tkd": {"seeds": [0, 1, 2]},
+                      "tkd-hidden": {"seeds": [0]}}}
+    groups = dict(teacher=dict(_group(0.9), train_wall_s=600.0),
+                  tkd=dict(_group(0.87, accs=[0.86, 0.88, 0.87]), train_wall_s=900.0),
+                  **{"tkd-hidden": dict(_group(0.88), train_wall_s=1200.0)},
+                  int8=_group(0.87))
+    assert report._seeds_note(groups, cfg, 3) == \
+        "Seeds: 3 for every student row but the one-seed ablations."
+    groups["tkd"] = dict(_group(0.87, accs=[0.86, 0.88]), label="TKD", train_wall_s=960.0)
+    assert report._seeds_note(groups, cfg, 3).endswith("and TKD (2: one run takes 16 min of "
+                                                       "training wall time).")

@@ -29,6 +29,7 @@ def _metrics(m: dict) -> dict:
     """The report's two columns."""
     return {"accuracy": m["accuracy"], "f1": m.get("f1")}
 
+
 def charged_wall(job, run_dir: str, out: str):
     """(train wall s, teacher-logit pass s charged) of a job: the study's wall over its attempts,
     less the time its trainer spent in `all_teacher_logits` (computing a cache, or waiting for
