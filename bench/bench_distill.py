@@ -13,8 +13,7 @@ interleaved rounds (median):
 - + attention KL (`--attention-loss`: both models' attention probabilities recomputed by the
   reference path for the mapped layers).
 Batches: B=32 at S=16 (an SST-2 training phrase with its transfer-set copies is ~13 tokens) and
-S=48. On CPU, 1 thread (`--threads`, as each job of the study). Ratios are against the cached
-logits row.
+S=48. On CPU, 1 thread, as each job of the study. Ratios are against the cached logits row.
 """
 import os
 from types import SimpleNamespace
@@ -57,14 +56,13 @@ def _objectives(teacher, cfg, B):
     return out
 
 
-def _step_fn(student, objective, batch):
-    params = list(student.parameters()) + list(objective.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    flags = {}
-    if getattr(objective, "hidden_states", False):
-        flags["hidden_states"] = True
-    if getattr(objective, "attentions", False):
-        flags["attentions"] = True
+def _step_fn(student, objective, batch, device):
+    from tkd_core.distill import forward_flags
+    from tkd_core.train import make_optimizer
+    # the trainer's optimizer (fused AdamW, decay groups) over the student and the objective
+    opt, _ = make_optimizer(student, SimpleNamespace(lr=1e-5, weight_decay=0.01, warmup=0.0),
+                            device, 1000, objective)
+    flags = forward_flags(objective)
     idx = list(range(batch["input_ids"].shape[0]))
 
     def step():
@@ -91,7 +89,7 @@ def main(device, quick=False, threads=1):
             for name, objective in _objectives(teacher, scfg, B).items():
                 torch.manual_seed(0)
                 student = build_model(scfg).to(device).train()
-                fns[name] = _step_fn(student, objective.to(device), batch)
+                fns[name] = _step_fn(student, objective.to(device), batch, device)
             ms = {k: v * 1e3 for k, v in harness.interleaved(
                 fns, 5 if quick else 15, device).items()}
             tokens = int(batch["attention_mask"].sum())

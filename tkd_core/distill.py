@@ -245,6 +245,11 @@ class Distiller(nn.Module):
         return total, parts
 
 
+def forward_flags(objective) -> dict:
+    """The student forward's keyword flags an objective needs: hidden_states / attentions."""
+    return {k: True for k in ("hidden_states", "attentions") if getattr(objective, k, False)}
+
+
 def build_objective(args, cfg, teacher, autocast_fn):
     """(loss objective, whether it has layer-wise terms): hard labels without a teacher; with
     one, logits KD plus the hidden-state and attention terms the flags ask for."""

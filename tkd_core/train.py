@@ -42,7 +42,7 @@ from .augment import augment
 from .distributed import all_reduce, setup_distributed
 from .checkpoint import (CHECKPOINT, clean_state_dict, export_safetensors, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state, unwrap)
-from .distill import IGNORE, all_teacher_logits, build_objective
+from .distill import IGNORE, all_teacher_logits, build_objective, forward_flags
 from .warmstart import init_from_hf, load_teacher, same_vocabulary, student_from_teacher
 from .measure import cpu_threads, evaluate, format_table, param_count, size_bytes
 from .models import ModelConfig, build_model
@@ -195,9 +195,7 @@ def train_step(ts: TrainState, window, items, objective, device, amp_dtype, worl
     n_global = all_reduce(torch.tensor([float(sum(len(b) for b in window))]), world).item()
     sums = torch.zeros(2 + len(PARTS), dtype=torch.float64)  # loss, tokens, parts
     seen = set()
-    flags = dict(hidden_states=True) if getattr(objective, "hidden_states", False) else {}
-    if getattr(objective, "attentions", False):
-        flags["attentions"] = True
+    flags = forward_flags(objective)
     for i, idx in enumerate(window):
         b = {k: v.to(device, non_blocking=True)
              for k, v in gdata.collate([items[j] for j in idx]).items()}
