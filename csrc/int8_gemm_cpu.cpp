@@ -447,14 +447,15 @@ void prepare_rows(const ASource& src, int isa, int64_t M, int64_t K, int64_t r0,
   }
 }
 
-// Rows [r0, r1) of A as the VNNI kernel reads them, returned with their row stride *lda: int8 rows
-// with a unit k stride and K % 4 == 0 are read in place (a row's last k quad ends at its last
-// byte); other int8 rows are copied into buf, and float rows quantized per token into it (Kp
-// bytes a row, zero-padded). corr[m - r0] = 128 sum_k a[m, k] either way.
+// Whether the VNNI kernel can read A's int8 rows where they are (no copy).
 bool vnni_in_place(const ASource& src, int64_t K) {
   return src.kind == 0 && src.sk == 1 && K % 4 == 0;
 }
 
+// Rows [r0, r1) of A as the VNNI kernel reads them, returned with their row stride *lda: int8 rows
+// with a unit k stride and K % 4 == 0 are read in place (a row's last k quad ends at its last
+// byte); other int8 rows are copied into buf, and float rows quantized per token into it (Kp
+// bytes a row, zero-padded). corr[m - r0] = 128 sum_k a[m, k] either way.
 const int8_t* prepare_rows_vnni(const ASource& src, int64_t K, int64_t r0, int64_t r1,
                                 uint8_t* buf, int32_t* corr, Scratch& sc, int64_t* lda) {
   const int64_t Kp = round_up(K, 4);
