@@ -3,6 +3,7 @@ on a slice of real SST-2 (the built-in synthetic task when ../shared is absent).
 import json
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -336,20 +337,22 @@ def test_tiny_pretrained_study_end_to_end(tmp_path, reference_backend):
     res = run.run_study(run.parse_args(argv), argv)
     assert res["failed"] == []
     g = res["groups"]
-    assert {"teacher", "tkd", "tnlp", "tkd-small", "kd-bilstm", "tkd-noaug", "tkd-hidden",
-            "tkd-attn", "int8", "lstm", "tfidf"} <= set(g)
+    assert {"teacher", "tkd", "tnlp", "tkd-small", "kd-bilstm", "tkd-noaug", "tkd-logits",
+            "tkd-attn", "int8", "lstm", "tfidf"} <= set(g) and "tkd-hidden" not in g
     assert g["tkd"]["params"] < g["teacher"]["params"]
     runs = {r["name"]: r for r in res["runs"]}
     assert runs["tkd_s0"]["config"]["num_layers"] == 2 and runs["tkd_s0"]["config"][
         "hidden_size"] == 32
-    assert "--augment 1" in runs["tkd_s0"]["command"] and "--hidden-loss mse" in runs[
-        "tkd_hidden_s0"]["command"]
+    # TKD-NLP: logits KD + transfer set + hidden MSE (the default); the logits-only rung without
+    assert "--augment 1 --hidden-loss mse" in runs["tkd_s0"]["command"]
+    assert "--augment 1" in runs["tkd_logits_s0"]["command"] and "--hidden-loss" not in runs[
+        "tkd_logits_s0"]["command"]
     # the logit passes move from the job that ran them to the rows that read them
     assert runs["teacher"]["teacher_logits_s"] is None
-    assert runs["tkd_s0"]["teacher_logits_s"] > 0 and runs["kd_bilstm_s0"][
-        "teacher_logits_s"] == runs["tkd_s0"]["teacher_logits_s"]
+    assert runs["tkd_logits_s0"]["teacher_logits_s"] > 0 and runs["kd_bilstm_s0"][
+        "teacher_logits_s"] == runs["tkd_logits_s0"]["teacher_logits_s"]
     assert runs["tkd_noaug_s0"]["teacher_logits_s"] > 0 and runs["tnlp_s0"][
-        "teacher_logits_s"] is None and runs["tkd_hidden_s0"]["teacher_logits_s"] is None
+        "teacher_logits_s"] is None and runs["tkd_s0"]["teacher_logits_s"] is None
     assert len(res["targets"]) == 7
     for t in res["targets"]:  # one seed: the comparisons against seed noise give no verdict
         assert t["met"] is None if "beyond the noise" in t["target"] else t["met"] in (True, False)
@@ -357,11 +360,55 @@ def test_tiny_pretrained_study_end_to_end(tmp_path, reference_backend):
     report = open(os.path.join(out, "report.md")).read()
     for needle in ("TKD-NLP with a pretrained teacher", "MiniLM-L6-H384", "Tang et al. 2019",
                    "## Targets", "Teacher >= 90.0% dev", "../sst2/report.md",
-                   "`train_logits_aug1.pt`: "):
+                   "`train_logits_aug1.pt`: ", "plus hidden-state MSE (uniform layer map)",
+                   "TKD-NLP (2L) - TKD-NLP, logits only: "):
         assert needle in report, needle
     import matplotlib.image
     img = matplotlib.image.imread(os.path.join(out, "accuracy_vs_size.png"))
     assert img.shape[0] > 200 and img.std() > 0
+
+
+def _pretrained_args(**kw):
+    a = dict(student_epochs=1, baseline_epochs=3, seeds=[0, 1, 2], student_layers="teacher:2,5",
+             augment=1, teacher_epochs=2, teacher_lr=1e-4, pretrained="folder", student_lr=1e-4,
+             baseline_seeds=1, baseline_prefix="cpu", small_preset="cpu-student-4",
+             hidden_loss="mse", ablations=["noaug", "logits"])
+    return types.SimpleNamespace(**{**a, **kw})
+
+
+def test_pretrained_plan_recipes_and_ablation_seeds():
+    """TKD-NLP's recipe follows --hidden-loss; an ablation runs on its first SEEDS seeds, each
+    rung with its own flags and cached logits (none where the teacher runs at every step)."""
+    jobs = {j.name: j for j in plan.make_pretrained_plan(_pretrained_args(
+        ablations=["attn", "logits:3", "noaug"]))}
+    tkd = [j for j in jobs.values() if j.group == "tkd"]
+    assert [j.seed for j in tkd] == [0, 1, 2] and [j.int8 for j in tkd] == [True, False, False]
+    assert tkd[0].extra[-2:] == ("--hidden-loss", "mse") and tkd[0].logits == ""
+    assert {n for n in jobs if n.startswith("tkd_") and "small" not in n} == {
+        "tkd_s0", "tkd_s1", "tkd_s2", "tkd_logits_s0", "tkd_logits_s1", "tkd_logits_s2",
+        "tkd_noaug_s0", "tkd_attn_s0"}
+    assert "--hidden-loss" not in jobs["tkd_logits_s2"].extra and jobs[
+        "tkd_logits_s2"].logits == "train_logits_aug1.pt"
+    assert "--augment" not in jobs["tkd_noaug_s0"].extra and jobs[
+        "tkd_noaug_s0"].logits == "train_logits.pt"
+    assert jobs["tkd_attn_s0"].extra[-3:] == ("--hidden-loss", "mse", "--attention-loss")
+    # --hidden-loss none: the logits-only recipe is the row, + hidden MSE an ablation
+    jobs = {j.name: j for j in plan.make_pretrained_plan(_pretrained_args(
+        hidden_loss="none", ablations=["hidden:2"]))}
+    assert "--hidden-loss" not in jobs["tkd_s0"].extra and jobs[
+        "tkd_s0"].logits == "train_logits_aug1.pt"
+    assert {"tkd_hidden_s0", "tkd_hidden_s1"} <= set(jobs) and "tkd_hidden_s2" not in jobs
+
+
+@pytest.mark.parametrize("spec, hidden, match", [
+    ("dropout", "mse", "the name must be one of"), ("logits:0", "mse", r"SEEDS must be .*\[1, 3\]"),
+    ("logits:4", "mse", "SEEDS must be"), ("logits:x", "mse", "SEEDS must be"),
+    ("hidden", "mse", "is the TKD-NLP row's own recipe with --hidden-loss mse"),
+    ("logits", "none", "is the TKD-NLP row's own recipe with --hidden-loss none")])
+def test_bad_ablations_are_refused(spec, hidden, match):
+    with pytest.raises(ValueError, match=match):
+        plan.parse_ablations([spec], hidden, 3)
+    assert plan.parse_ablations(["hidden", "noaug:2"], "cosine", 3) == {"noaug": 2, "hidden": 1}
 
 
 def test_charged_wall_moves_logit_passes_to_their_readers(tmp_path):

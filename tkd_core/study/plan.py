@@ -67,13 +67,16 @@ GROUPS = {  # group -> (label in the report, what it is)
     # the pretrained study (--pretrained)
     "tkd-small": ("TKD-NLP-small", "a narrow random-init Transformer, logits KD + transfer set"),
     "tkd-noaug": ("TKD-NLP, no transfer set", "ablation: logits KD on the labelled set only"),
+    "tkd-logits": ("TKD-NLP, logits only", "ablation: logits KD + transfer set, no layer-wise "
+                   "term"),
     "tkd-hidden": ("TKD-NLP + hidden MSE", "ablation: + hidden-state MSE (uniform layer map)"),
-    "tkd-attn": ("TKD-NLP + hidden + attention", "ablation: + attention KL"),
+    "tkd-attn": ("TKD-NLP + hidden + attention", "ablation: + hidden MSE + attention KL"),
 }
 
 PRETRAINED_GROUPS = {  # labels that differ in the pretrained study
     "teacher": ("Teacher (MiniLM-L6, fine-tuned)", "the pretrained encoder fine-tuned (--init)"),
-    "tkd": ("TKD-NLP (2L)", "2 teacher layers, distilled: logits KD + transfer set"),
+    "tkd": ("TKD-NLP (2L)", "2 teacher layers, distilled: logits KD + transfer set "
+            "(+ the study's --hidden-loss)"),
     "tnlp": ("T-NLP (2L)", "the same 2 teacher layers, hard labels only"),
     "kd-bilstm": ("KD-NLP (BiLSTM)", "BiLSTM distilled with the transfer set (Tang et al.)"),
     "int8": ("TKD-NLP INT8", "the seed-0 TKD-NLP student after quantize_model"),
@@ -111,15 +114,52 @@ def make_plan(a) -> List[Job]:
     return jobs
 
 
+# The pretrained study's ablations: the distillation terms of each (the TKD-NLP row is one of
+# these recipes, chosen by --hidden-loss; an ablation is another rung of the ladder)
+ABLATIONS = {"noaug": "logits KD on the labelled set only",
+             "logits": "logits KD + transfer set",
+             "hidden": "logits KD + transfer set + hidden-state MSE",
+             "attn": "logits KD + transfer set + hidden-state MSE + attention KL"}
+
+
+def parse_ablations(specs, hidden_loss: str, n_seeds: int) -> dict:
+    """--ablations NAME[:SEEDS] ... -> {name: seeds}, in the ladder's order (1 seed unless
+    given). Raises ValueError on an unknown name, a bad seed count, or the TKD-NLP row's own
+    recipe (it would train the same runs twice)."""
+    main = "logits" if hidden_loss == "none" else "hidden" if hidden_loss == "mse" else None
+    out = {}
+    for spec in specs:
+        name, _, n = spec.partition(":")
+        if name not in ABLATIONS:
+            raise ValueError(f"--ablations {spec}: the name must be one of {list(ABLATIONS)}")
+        if not (n.isdigit() and 1 <= int(n) <= n_seeds) and n:
+            raise ValueError(f"--ablations {spec}: SEEDS must be an integer in [1, {n_seeds}] "
+                             "(the number of --seeds)")
+        if name == main:
+            raise ValueError(f"--ablations {spec}: '{name}' ({ABLATIONS[name]}) is the TKD-NLP "
+                             f"row's own recipe with --hidden-loss {hidden_loss}")
+        out[name] = int(n or 1)
+    return {k: out[k] for k in ABLATIONS if k in out}
+
+
 def make_pretrained_plan(a) -> List[Job]:
     """--pretrained FOLDER: the teacher is the folder fine-tuned on the task (--init); the
     2-layer students start from two of its layers (--student-layers); the narrow and BiLSTM
-    students and the transfer set (--augment) follow Tang et al. and TinyBERT. Students share
-    the teacher's tokenizer; RNN / LSTM / CNN and TF-IDF are the from-scratch baselines."""
+    students and the transfer set (--augment) follow Tang et al. and TinyBERT. TKD-NLP adds
+    --hidden-loss to logits KD. Students share the teacher's tokenizer; RNN / LSTM / CNN and
+    TF-IDF are the from-scratch baselines."""
     s, b, seeds = a.student_epochs, a.baseline_epochs, a.seeds
     init = ("--student-init", a.student_layers)
     aug = ("--augment", str(a.augment)) if a.augment else ()
     aug_logits = f"train_logits_aug{a.augment}.pt"
+    # each recipe's trainer flags and cached-logits file ("": layer-wise terms need the
+    # teacher's forward at every step, which gives the logits too)
+    hidden = init + aug + ("--hidden-loss", "mse")
+    recipes = {"noaug": (init, "train_logits.pt"), "logits": (init + aug, aug_logits),
+               "hidden": (hidden, ""), "attn": (hidden + ("--attention-loss",), "")}
+    tkd_extra, tkd_logits = ((init + aug, aug_logits) if a.hidden_loss == "none" else
+                             (init + aug + ("--hidden-loss", a.hidden_loss), ""))
+    ablations = parse_ablations(a.ablations, a.hidden_loss, len(seeds))
     jobs = [Job("teacher", "teacher", "teacher", epochs=a.teacher_epochs, lr=a.teacher_lr,
                 extra=("--init", a.pretrained), study_vocab=False),
             Job("tfidf", "tfidf", "tfidf")]
@@ -129,7 +169,7 @@ def make_pretrained_plan(a) -> List[Job]:
         jobs.append(Job(f"tnlp_s{seed}", "tnlp", "student", epochs=s, lr=a.student_lr,
                         seed=seed, extra=init, study_vocab=False))
         jobs.append(Job(f"tkd_s{seed}", "tkd", "distill", epochs=s, lr=a.student_lr, seed=seed,
-                        extra=init + aug, study_vocab=False, logits=aug_logits, int8=k == 0))
+                        extra=tkd_extra, study_vocab=False, logits=tkd_logits, int8=k == 0))
         if k < a.baseline_seeds:
             jobs += [Job(f"{arch}_s{seed}", arch, "student", arch=arch,
                          preset=f"{a.baseline_prefix}-{arch}", epochs=b, seed=seed)
@@ -139,15 +179,12 @@ def make_pretrained_plan(a) -> List[Job]:
                         study_vocab=False, logits=aug_logits))
         jobs.append(Job(f"tkd_small_s{seed}", "tkd-small", "distill", preset=a.small_preset,
                         epochs=b, seed=seed, extra=aug, study_vocab=False, logits=aug_logits))
-        if k == 0:  # one seed each: what the transfer set and the layer-wise terms add
-            layerwise = init + aug + ("--hidden-loss", "mse")
-            for name, extra, logits in (("noaug", init, "train_logits.pt"),
-                                        ("hidden", layerwise, ""),
-                                        ("attn", layerwise + ("--attention-loss",), "")):
-                if name in a.ablations:
-                    jobs.append(Job(f"tkd_{name}_s{seed}", f"tkd-{name}", "distill", epochs=s,
-                                    lr=a.student_lr, seed=seed, extra=extra,
-                                    study_vocab=False, logits=logits))
+        for name, n in ablations.items():  # what the transfer set and each term add
+            if k < n:
+                extra, logits = recipes[name]
+                jobs.append(Job(f"tkd_{name}_s{seed}", f"tkd-{name}", "distill", epochs=s,
+                                lr=a.student_lr, seed=seed, extra=extra, study_vocab=False,
+                                logits=logits))
     return jobs
 
 

@@ -30,7 +30,8 @@ def _ms(lat, b):
     return "n/a" if not lat or lat.get(b) is None else f"{lat[b]:.2f}"
 
 
-ROW_ORDER = ["teacher", "tkd", "tkd-T2", "tkd-T4", "tkd-noaug", "tkd-hidden", "tkd-attn",
+ROW_ORDER = ["teacher", "tkd", "tkd-T2", "tkd-T4", "tkd-noaug", "tkd-logits", "tkd-hidden",
+             "tkd-attn",
              "tkd-small", "tnlp", "kd-bilstm", "rnn", "lstm", "cnn", "tfidf", "int8"]
 # Published SST-2 dev accuracy (%) of pretrained students, for the pretrained study
 PUBLISHED_PRETRAINED = [
@@ -101,7 +102,10 @@ def write_report(path: str, res: dict) -> None:
     if pre:
         L += [f"The teacher is `{cfg['pretrained']}` fine-tuned on the task; the 2-layer students "
               f"start from its layers ({cfg['student_layers']}); the transfer set has "
-              f"{cfg['augment']} augmented copy per training example. The from-scratch study "
+              f"{cfg['augment']} augmented copy per training example. TKD-NLP is distilled "
+              "with logits KD and the transfer set" + (
+                  f" plus hidden-state {cfg['hidden_loss'].upper()} (uniform layer map)"
+                  if cfg.get("hidden_loss", "none") != "none" else "") + ". The from-scratch study "
               "(no pretraining) is the ablation of pretraining: "
               "[../sst2/report.md](../sst2/report.md).", ""]
     L += ["Command:", "", "```bash", res["command"], "```", "",
@@ -153,8 +157,8 @@ def write_report(path: str, res: dict) -> None:
                   len(temps) > 1 else "The temperature does not matter beyond the seed noise "
                   "here."), ""]
     L += ["## Ablation", ""]
-    pairs = (("tkd", "tnlp"), ("kd-bilstm", "lstm"), ("tkd", "tkd-noaug"),
-             ("tkd-hidden", "tkd"), ("tkd-attn", "tkd-hidden"), ("tkd", "tkd-small")) if pre else \
+    pairs = (("tkd", "tnlp"), ("kd-bilstm", "lstm"), ("tkd", "tkd-noaug"), ("tkd", "tkd-logits"),
+             ("tkd-hidden", "tkd"), ("tkd-attn", "tkd"), ("tkd", "tkd-small")) if pre else \
         (("tkd", "tnlp"), ("tkd", "kd-bilstm"), ("tnlp", "kd-bilstm"))
     for a, b in pairs:
         c = compare(g, a, b)

@@ -77,9 +77,14 @@ def parse_args(argv=None):
       "students' learning rate")
     a("--small-preset", default="cpu-student-4", help="--pretrained: TKD-NLP-small's preset")
     a("--augment", type=int, default=1, help="--pretrained: transfer-set copies per example")
-    a("--ablations", nargs="*", default=["noaug", "hidden", "attn"],
-      choices=["noaug", "hidden", "attn"], help="--pretrained: one-seed ablations: without the "
-      "transfer set, + hidden MSE, + hidden MSE + attention KL (none: --ablations)")
+    a("--hidden-loss", default=None, choices=["none", "mse", "cosine"], help="--pretrained: "
+      "TKD-NLP's layer-wise term on top of logits KD and the transfer set (default: mse, "
+      "the measured best; the trainer's --hidden-loss)")
+    a("--ablations", nargs="*", default=["noaug", "logits", "attn"], metavar="NAME[:SEEDS]",
+      help="--pretrained: rungs of the distillation ladder trained beside TKD-NLP, each on the "
+      "first SEEDS of --seeds (default 1): noaug (logits KD, labelled set only), logits "
+      "(+ transfer set), hidden (+ hidden MSE), attn (+ hidden MSE + attention KL); "
+      "none: --ablations")
     a("--compare-with", default=os.path.join("docs", "results", "sst2", "results.json"),
       help="--pretrained: the from-scratch study's results.json, plotted beside")
     a("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -142,6 +147,10 @@ def parse_args(argv=None):
     args.student_epochs = args.student_epochs or (1 if pre else 3)
     args.teacher_lr = args.teacher_lr or (1e-4 if pre else 5e-4)
     args.out = args.out or os.path.join("runs", spec.name + ("-pretrained" if pre else ""))
+    args.hidden_loss = args.hidden_loss or ("mse" if pre else "none")
+    if pre:
+        from .plan import parse_ablations
+        parse_ablations(args.ablations, args.hidden_loss, len(args.seeds))  # errors up front
     args.latency_threads = args.latency_threads or os.cpu_count() or 1
     return args
 
@@ -266,7 +275,8 @@ def study_config(a, plan, runs, tokenizer) -> dict:
                 latency_reps=a.latency_reps, latency_rounds=a.latency_rounds,
                 max_train_examples=a.max_train_examples,
                 max_dev_examples=a.max_dev_examples, pretrained=a.pretrained,
-                augment=a.augment if a.pretrained else 0, student_layers=a.student_layers)
+                augment=a.augment if a.pretrained else 0, student_layers=a.student_layers,
+                hidden_loss=a.hidden_loss if a.pretrained else "none")
 
 
 def command_line(argv) -> str:
