@@ -128,4 +128,5 @@ def test_pretrained_pipeline_one_command(tmp_path, hf_bert, reference_backend, c
     rows = __import__("json").load(open(out / "summary.json"))["rows"]
     assert [r["cpu_latency_b32_ms"] > 0 for r in rows] == [True] * 3
     steps = [r for r in read_log(out / "student") if r["type"] == "step"]
-    assert steps and all(r["kd_loss"] is not None for r in steps)
+    assert steps and all(r["kd_loss"] is not None and r.get("hidden_loss") is not None
+                         for r in steps)  # the study's recipe: logits KD + hidden MSE
