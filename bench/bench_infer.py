@@ -26,9 +26,9 @@ Cases: batch 1, 8, 32 x S 16, 64, 128 (--quick: batch 1 and 32 at S 64), 1 and 2
 a realistic padded batch: 32 SST-2 dev sentences (../shared/data/glue/SST-2; random lengths
 5..60 when missing) tokenized by the model's tokenizer, padded to the longest. Rounds are
 interleaved (a turn of each provider, repeated) and each provider's median is reported, so a
-load change on a shared machine hits all of them alike; a turn is a few calls in a row after a
-20 ms settle, the first untimed, so that no provider is timed while the previous one's threads
-still spin (see _time_case); ratios are against transformers eager and against tkd_fp32 in the
+load change on a shared machine hits all of them alike; a turn is 20 ms of untimed calls, then
+a few timed ones, so that no provider is timed while the previous one's threads still spin
+(see _time_case); ratios are against transformers eager and against tkd_fp32 in the
 same run. `max_abs_diff` is the largest logit
 difference to transformers eager on the case's inputs, `agree` the argmax agreement on the
 padded batch (drift of INT8: no SST-2 fine-tuned checkpoint is at hand, so no accuracy).
@@ -56,7 +56,7 @@ MINILM_SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12
 STUDENT_LAYERS = (0, 3)  # the 2-layer student keeps these layers of MiniLM-L6
 BATCHES, SEQS, THREADS = (1, 8, 32), (16, 64, 128), (1, 2)
 ROUND_S = 6.0  # seconds of rounds per case (at least 3, at most 15 rounds)
-BLOCK, SETTLE_S = 4, 0.02  # calls per provider's turn (the first untimed); sleep before a turn
+BLOCK, LEAD_S = 3, 0.02  # timed calls per provider's turn, after LEAD_S s of untimed calls
 
 
 # ------------------------------------------------------------------------------ the models
@@ -229,12 +229,14 @@ def _padded(folder, vocab, B=32):
 
 def _time_case(fns, inputs):
     """{name: median ms} over interleaved rounds, each provider's logits (one call), and the
-    number of timed calls per provider. Each round gives every provider a turn after a 20 ms
-    settle: BLOCK calls in a row (2 when a call of each takes 0.25 s or more), the first not
-    timed. Call-by-call interleaving measured the previous runtime instead: libgomp's workers
-    (torch's OpenMP) spin on the cores for milliseconds after each parallel region, and our
-    INT8 forward at batch 1 on 2 threads took 5.4 ms right after torch peers' calls against 2.5 ms
-    with OMP_WAIT_POLICY=PASSIVE or after ORT's (which does not spin between runs)."""
+    number of timed calls per provider. Each round gives every provider a turn: untimed calls
+    for LEAD_S (one at least), then BLOCK timed calls in a row (1 when a call of each takes
+    0.25 s or more), as a process serving one model runs. Call-by-call interleaving measured
+    the previous runtime instead: libgomp's workers (torch's OpenMP) spin on the cores for
+    milliseconds after each parallel region, and our INT8 forward at batch 1 on 2 threads took
+    5.4 ms right after torch peers' calls against 2.5 ms with OMP_WAIT_POLICY=PASSIVE. (A sleep
+    between turns does not do: after 20 ms idle every provider's 2-thread batch-1 call slowed,
+    transformers' from 13.9 to 19.3 ms.)"""
     outs = {}
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -243,12 +245,12 @@ def _time_case(fns, inputs):
         for fn in fns.values():  # a second warm-up call (compiled graphs, caches)
             fn(*inputs)
         one_round = (time.perf_counter() - t0) / 2  # one call of each provider
-        block = BLOCK if one_round < 0.25 else 2
-        per_round = one_round * block + SETTLE_S * len(fns)
+        block = BLOCK if one_round < 0.25 else 1
+        per_round = one_round * (block + 1) + LEAD_S * len(fns)
         reps = max(3, min(15, int(ROUND_S / per_round)))
         med = harness.interleaved({n: (lambda f=f: f(*inputs)) for n, f in fns.items()}, reps,
-                                  torch.device("cpu"), warmup=0, block=block, settle_s=SETTLE_S)
-    return {n: s * 1e3 for n, s in med.items()}, outs, reps * (block - 1)
+                                  torch.device("cpu"), warmup=0, block=block, lead_s=LEAD_S)
+    return {n: s * 1e3 for n, s in med.items()}, outs, reps * block
 
 
 def _rows_for_case(model_name, threads, shape, padded, fns, inputs):

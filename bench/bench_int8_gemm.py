@@ -2,9 +2,10 @@
 
 Two tables:
 - "int8_gemm" (the GEMM): y = (a @ b.T) * a_scale * b_scale, int8 a (M, K) already quantized,
-  the weight packed once. Peers: fbgemm `quantized::linear` with prepacked weights (quint8 in,
-  quint8 out, its own requantizing epilogue), fbgemm dynamic linear (`quantize_dynamic`, float in
-  and out, so it also quantizes x), fp32 `torch.matmul`, and `torch._int_mm` (int32 out).
+  the weight packed once (`ours`; `ours_out` into a preallocated out=). Peers: fbgemm
+  `quantized::linear` with prepacked weights (quint8 in, quint8 out, its own requantizing
+  epilogue), fbgemm dynamic linear (`quantize_dynamic`, float in and out, so it also quantizes
+  x), fp32 `torch.matmul`, and `torch._int_mm` (int32 out).
 - "int8_linear" (end to end, float x in, float y out): our dynamic `tkd_core.nn.Int8Linear` vs
   fbgemm's dynamic quantized Linear (`torch.ao.quantization.quantize_dynamic`) and fp32 nn.Linear;
   the error column is against the float64 Linear (quantization error included).
@@ -57,6 +58,9 @@ def gemm_case(M, K, N, device):
     else:
         packed = G.pack_weight(qb)
         providers["ours"] = Provider(lambda a, b, s1, s2: G.int8_gemm_packed(a, packed, s1, s2))
+        buf = torch.empty(M, N)  # into a preallocated output: no page faults in the call
+        providers["ours_out"] = Provider(
+            lambda a, b, s1, s2: G.int8_gemm_packed(a, packed, s1, s2, out=buf))
         pw = _fbgemm_static(w, None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -141,15 +145,20 @@ def _per_core(shapes):
         torch.set_num_threads(n)
 
 
-def _vs_fbgemm(shapes, rounds=9, pause_s=0.02):
+def _vs_fbgemm(shapes, rounds=9):
     """Issue 14's comparison at M = 4096: ours / fbgemm as the GEMM (int8 in) and as the dynamic
-    linear (float in and out), 1 and 2 threads. Calls are interleaved (ours, fbgemm, ours, ...)
-    and ratios are of medians. 1 thread: the calling thread's CPU time (scheduling waits on a
-    busy machine do not count). 2 threads: wall time, with a pause before each call so that the
-    previous call's spinning workers (OpenMP's, ours) have gone to sleep and do not take cores
-    from the call being timed."""
+    linear (float in and out), 1 and 2 threads; ratios are of medians. 1 thread: calls
+    interleaved (ours, fbgemm, ours, ...), timed in the calling thread's CPU time (scheduling
+    waits on a busy machine do not count). 2 threads: wall time over interleaved turns, each an
+    untimed call and then 2 timed calls of one provider (harness.interleaved), as a process that
+    runs one of them sees: call by call, fbgemm's OpenMP worker still spun on a core while ours
+    ran (ratios 0.79 / 1.06 / 0.86x); a 20 ms sleep before each call instead let the idle
+    vCPUs slow the next call down. `gemm_out`: ours into a preallocated out= (a fresh float
+    output is faulted in page by page at every call: glibc maps blocks over 32 MiB anew, and
+    fbgemm's quint8 output is a quarter of ours)."""
+    from bench.harness import interleaved
     n = torch.get_num_threads()
-    print(f"ours / fbgemm at M=4096, interleaved, median of {rounds} (load average "
+    print(f"ours / fbgemm at M=4096, median of {rounds} rounds (load average "
           f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs):")
     try:
         for M, K, N in shapes:
@@ -160,21 +169,24 @@ def _vs_fbgemm(shapes, rounds=9, pause_s=0.02):
                                      ("linear", linear_case, "fbgemm_dynamic")):
                 case = make(M, K, N, torch.device("cpu"))
                 inputs = case.make_inputs()
-                fns = {"ours": case.providers["ours"].fn, peer: case.providers[peer].fn}
-                for threads, clock in ((1, time.thread_time), (2, time.perf_counter)):
-                    torch.set_num_threads(threads)
-                    times = {name: [] for name in fns}
-                    for fn in fns.values():
+                mine = ("ours", "ours_out") if kind == "gemm" else ("ours",)
+                fns = {n: case.providers[n].fn for n in mine + (peer,)}
+                torch.set_num_threads(1)
+                times = {name: [] for name in fns}
+                for fn in fns.values():
+                    fn(*inputs)
+                for _ in range(rounds):
+                    for name, fn in fns.items():
+                        t0 = time.thread_time()
                         fn(*inputs)
-                    for _ in range(rounds):
-                        for name, fn in fns.items():
-                            if threads > 1:
-                                time.sleep(pause_s)
-                            t0 = clock()
-                            fn(*inputs)
-                            times[name].append(clock() - t0)
-                    ratio = statistics.median(times[peer]) / statistics.median(times["ours"])
-                    cells.append(f"{kind} {threads}T {ratio:.2f}x")
+                        times[name].append(time.thread_time() - t0)
+                med = {name: statistics.median(t) for name, t in times.items()}
+                cells += [f"{kind}{n[4:]} 1T {med[peer] / med[n]:.2f}x" for n in mine]
+                torch.set_num_threads(2)
+                bound = {name: (lambda f=fn, x=inputs: f(*x)) for name, fn in fns.items()}
+                med = interleaved(bound, rounds, torch.device("cpu"), warmup=1, block=2,
+                                  lead_s=1e-9)
+                cells += [f"{kind}{n[4:]} 2T {med[peer] / med[n]:.2f}x" for n in mine]
             print(f"  M={M} K={K} N={N}: " + ", ".join(cells))
     finally:
         torch.set_num_threads(n)

@@ -72,33 +72,34 @@ def time_ms(fn, inputs, device, reps=20, warmup=3):
     return median_ms(lambda: fn(*inputs), reps, warmup)
 
 
-def interleaved(fns, reps, device, warmup=2, block=1, settle_s=0.0):
+def interleaved(fns, reps, device, warmup=2, block=1, lead_s=0.0):
     """{name: median seconds} of fns' calls over `reps` rounds, each round one turn of each fn,
     the order rotated every round (what runs after what is not always the same).
 
-    A turn is one timed call (block=1), or `block` calls in a row of which the first is not
-    timed: it absorbs what the previous fn left behind (another runtime's worker threads still
-    spinning on the cores, evicted caches), which a process serving one model never sees.
-    settle_s: seconds of sleep before each turn, so that spinning workers go to sleep."""
+    A turn is `block` timed calls in a row; with lead_s > 0 they follow untimed calls of the
+    same fn for at least lead_s seconds (one at least). The lead absorbs what the previous fn
+    left behind (another runtime's worker threads still spinning on the cores, evicted
+    caches), which a process serving one model never sees."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = {name: [] for name in fns}
     names = list(fns)
     for r in range(reps):  # each round starts one provider later: no fixed position in a round
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn = fns[name]
-            if settle_s:
-                time.sleep(settle_s)
-            for k in range(block):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+            if lead_s > 0:
+                t_end = time.perf_counter() + lead_s
+                fn()
+                while time.perf_counter() < t_end:
+                    fn()
+            for _ in range(block):
+                sync()
                 t0 = time.perf_counter()
                 fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if k or block == 1:
-                    times[name].append(time.perf_counter() - t0)
+                sync()
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -13,26 +13,42 @@ class FakeClock:
         return self.now
 
 
-def test_interleaved_blocks_drop_each_turns_first_call(monkeypatch):
-    clock, order, slept = FakeClock(), [], []
+def test_interleaved_turns_time_calls_after_the_lead(monkeypatch):
+    clock, order = FakeClock(), []
     monkeypatch.setattr(harness.time, "perf_counter", clock)
-    monkeypatch.setattr(harness.time, "sleep", slept.append)
-    # a call costs 1 s, except the first call of a turn, which pays 100 s for what the
-    # previous provider left behind
+
+    # a call costs its `cost` seconds, except the first call of a turn, which pays 100 s more
+    # for what the previous provider left behind
     def provider(name, cost):
         def fn():
             first = not order or order[-1] != name
             order.append(name)
             clock.now += (100.0 if first else 0.0) + cost
         return fn
+
     fns = {"a": provider("a", 1.0), "b": provider("b", 2.0), "c": provider("c", 3.0)}
-    med = harness.interleaved(fns, reps=4, device=torch.device("cpu"), warmup=1, block=3,
-                              settle_s=0.02)
+    # lead 4.5 s: a runs 1 untimed call (101 s: past the lead), b and c too
+    med = harness.interleaved(fns, reps=4, device=torch.device("cpu"), warmup=1, block=2,
+                              lead_s=4.5)
     assert med == {"a": 1.0, "b": 2.0, "c": 3.0}
-    assert len(order) == 3 + 4 * 3 * 3 and slept == [0.02] * 12
+    assert len(order) == 3 + 4 * 3 * 3
     turns = [order[i] for i in range(3, len(order), 3)]  # each round starts one provider later
     assert turns == list("abc" "bca" "cab" "abc")
-    # block=1: every call is timed, the turn's cost included
+    # block=1 and no lead: every call is timed, the turn's first-call cost included
     order.clear()
     med = harness.interleaved(fns, reps=3, device=torch.device("cpu"), warmup=0)
     assert med == {"a": 101.0, "b": 102.0, "c": 103.0}
+
+
+def test_interleaved_lead_runs_for_its_seconds(monkeypatch):
+    """Untimed calls repeat until lead_s has passed: 1 s calls, a 3.5 s lead -> 4 untimed."""
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(harness.time, "perf_counter", clock)
+
+    def fn():
+        calls.append(clock.now)
+        clock.now += 1.0
+
+    assert harness.interleaved({"x": fn}, reps=2, device=torch.device("cpu"), warmup=0,
+                               block=3, lead_s=3.5) == {"x": 1.0}
+    assert len(calls) == 2 * (4 + 3)

@@ -504,6 +504,57 @@ def test_bad_inputs():
         tkd_core.ops.int8_gemm(rand_i8(1, 200000), rand_i8(1, 200000))
 
 
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 257, 4099), (257, 4099, 7), (64, 768, 771)])
+def test_packed_gemm_with_and_without_out(threads, M, K, N):
+    """int8_gemm_packed (the weight packed once) equals the int64 product, and its float
+    epilogue float64, into a new tensor and into out= (poisoned first; a row-strided view of
+    a wider buffer, whose other columns stay untouched), on 1 and 2 threads."""
+    a, b = rand_i8(M, K), rand_i8(N, K)
+    w = G.pack_weight(b)
+    ref = exact(a, b)
+    sa, sb = torch.rand(M) * 0.1 + 1e-3, torch.rand(N) * 0.1 + 1e-3
+    bias = torch.randn(N) * 50
+    ref_f = ref.double() * sa.double()[:, None] * sb.double()[None, :] + bias.double()
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        assert torch.equal(G.int8_gemm_packed(a, w).long(), ref)
+        wide = torch.full((M, N + 5), torch.iinfo(torch.int32).min, dtype=torch.int32)
+        out = wide[:, 2:2 + N]
+        assert G.int8_gemm_packed(a, w, out=out) is out
+        assert torch.equal(out.long(), ref)
+        assert (wide[:, :2] == torch.iinfo(torch.int32).min).all() and (
+            wide[:, 2 + N:] == torch.iinfo(torch.int32).min).all()
+        out_f = torch.full((M, N), float("nan"))
+        y = G.int8_gemm_packed(a, w, sa, sb, bias, activation="gelu", out=out_f)
+        assert y is out_f
+        assert_close(y, G.activation_ref(ref_f, G.activation_code("gelu")), 2e-6, "gelu out=")
+        assert_close(G.int8_gemm_packed(a, w, sa, sb, bias), ref_f, 2e-7, "epilogue")
+
+
+def test_packed_gemm_bad_out():
+    a, b = rand_i8(4, 16), rand_i8(5, 16)
+    w = G.pack_weight(b)
+    with pytest.raises(TypeError, match=r"out must have dtype in \(int32\)"):
+        G.int8_gemm_packed(a, w, out=torch.empty(4, 5))
+    with pytest.raises(TypeError, match=r"out must have dtype in \(float32\)"):
+        G.int8_gemm_packed(a, w, 1.0, 1.0, out=torch.empty(4, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"out must have shape \(M, N\) = \(4, 5\)"):
+        G.int8_gemm_packed(a, w, out=torch.empty(5, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="unit stride along its rows"):
+        G.int8_gemm_packed(a, w, out=torch.empty(5, 4, dtype=torch.int32).T)
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        G.int8_gemm_packed(a, w, out=[[0] * 5] * 4)
+    out = torch.empty(4, 5)
+    with pytest.raises(ValueError, match="out overlaps bias"):
+        G.int8_gemm_packed(a, w, 1.0, 1.0, bias=out[1], out=out)
+    with pytest.raises(ValueError, match="out overlaps a_scale"):
+        G.int8_gemm_packed(a, w, out[:, 0], 1.0, out=out)
+    buf = torch.zeros(64, dtype=torch.int32)
+    a_in = buf.view(torch.int8)[:64].view(4, 16)  # a's bytes are out's first 16 int32 slots
+    with pytest.raises(ValueError, match="out overlaps a"):
+        G.int8_gemm_packed(a_in, w, out=buf[:20].view(4, 5))
+
+
 def test_noncontiguous_inputs_are_handled(device):
     a_t = rand_i8(300, 37, device=device).T  # (37, 300), strides (1, 37)
     b_s = rand_i8(20, 600, device=device)[::2, ::2]  # (10, 300), strides (1200, 2)
