@@ -18,6 +18,10 @@ def main(argv=None):
     p.add_argument("ops", nargs="*", help=f"ops to bench, among {OPS} (default: all)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
+    p.add_argument("--model", default=None, metavar="HF_FOLDER", help="infer: a fine-tuned "
+                   "2-label BERT folder to run instead of all-MiniLM-L6-v2, scored on SST-2 dev")
+    p.add_argument("--student", default=None, metavar="HF_FOLDER", help="infer: a fine-tuned "
+                   "2-layer BERT folder instead of 2 layers picked from the model, scored too")
     args = p.parse_args(argv)
     ops = [ALIASES.get(o, o) for o in args.ops] or OPS
     unknown = [o for o in ops if o not in OPS]
@@ -30,8 +34,14 @@ def main(argv=None):
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from bench.harness import default_device
     device = default_device(args.device)
+    if (args.model or args.student) and "infer" not in ops:
+        p.error("--model / --student are options of the infer bench")
+    for flag, path in (("--model", args.model), ("--student", args.student)):
+        if path and not os.path.isfile(os.path.join(path, "config.json")):
+            p.error(f"{flag} {path}: not a Hugging Face model folder (no config.json)")
     for op in ops:
-        importlib.import_module(f"bench.bench_{op}").main(device, quick=args.quick)
+        extra = dict(model=args.model, student=args.student) if op == "infer" else {}
+        importlib.import_module(f"bench.bench_{op}").main(device, quick=args.quick, **extra)
     return 0
 
 

@@ -29,12 +29,18 @@ interleaved (a turn of each provider, repeated) and each provider's median is re
 load change on a shared machine hits all of them alike; a turn is 20 ms of untimed calls, then
 a few timed ones, so that no provider is timed while the previous one's threads still spin
 (see _time_case); ratios are against transformers eager and against tkd_fp32 in the
-same run. `max_abs_diff` is the largest logit
-difference to transformers eager on the case's inputs, `agree` the argmax agreement on the
-padded batch (drift of INT8: no SST-2 fine-tuned checkpoint is at hand, so no accuracy).
+same run. `max_abs_diff` is the largest logit difference to transformers eager on the case's
+inputs, `agree` the argmax agreement on the padded batch.
+
+    python -m bench infer --model FOLDER [--student FOLDER]
+
+runs fine-tuned 2-label BERT folders instead (e.g. a tkd run exported with --export-hf) and
+scores every provider on all of SST-2 dev at the last thread count: accuracy, and each INT8
+provider's drift in points against its fp32 self.
 
 Writes bench/results/infer_<device>_<time>.csv and a PNG (latency against batch per provider,
-S = 64) next to it, then prints the issue's targets, each met or not.
+S = 64) next to it (and infer_accuracy_*.csv), then prints the issue's targets, each met or
+not.
 """
 import copy
 import os
@@ -62,21 +68,33 @@ BLOCK, LEAD_S = 3, 0.02  # timed calls per provider's turn, after LEAD_S s of un
 # ------------------------------------------------------------------------------ the models
 
 
-def _hf_folders(tmp):
+def _hf_folders(tmp, model=None, student=None):
     """{name: (HF BertForSequenceClassification in eval, folder tkd loads the same weights
-    from)} for MiniLM-L6 and its 2-layer student."""
+    from)} for MiniLM-L6 (or `model`, a fine-tuned 2-label HF folder) and its 2-layer student
+    (layers STUDENT_LAYERS of it, or `student`, a fine-tuned 2-layer folder)."""
     import transformers
     torch.manual_seed(0)  # the new 2-label head
+    load = transformers.BertForSequenceClassification.from_pretrained
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if os.path.isdir(MINILM):
-            l6 = transformers.BertForSequenceClassification.from_pretrained(MINILM, num_labels=2)
+        if model is not None:
+            l6, src = load(model), model
+            if l6.config.num_labels != 2:
+                raise ValueError(f"--model {model}: a 2-label classifier is needed, it has "
+                                 f"{l6.config.num_labels} labels")
+        elif os.path.isdir(MINILM):
+            l6 = load(MINILM, num_labels=2)
             src = MINILM
         else:  # the shape with random weights, and a placeholder vocabulary for the tokenizer
             print(f"infer: {MINILM} not found: MiniLM's shape with random weights")
             l6 = transformers.BertForSequenceClassification(
                 transformers.BertConfig(num_labels=2, **MINILM_SHAPE))
             src = None
+        if student is not None:
+            l2 = load(student)
+            if l2.config.num_labels != 2:
+                raise ValueError(f"--student {student}: a 2-label classifier is needed")
+            return _save_pair(tmp, l6, src, l2, student)
     cfg = copy.deepcopy(l6.config)
     cfg.num_hidden_layers = len(STUDENT_LAYERS)
     l2 = transformers.BertForSequenceClassification(cfg)
@@ -86,8 +104,12 @@ def _hf_folders(tmp):
         if parts[:3] == ["bert", "encoder", "layer"]:
             parts[3] = str(STUDENT_LAYERS[int(parts[3])])
         l2.state_dict()[k].copy_(sd[".".join(parts)])
+    return _save_pair(tmp, l6, src, l2, src)
+
+
+def _save_pair(tmp, l6, src6, l2, src2):
     out = {}
-    for name, m in (("MiniLM-L6", l6), ("MiniLM-L2", l2)):
+    for name, m, src in (("MiniLM-L6", l6, src6), ("MiniLM-L2", l2, src2)):
         folder = os.path.join(tmp, name)
         m.eval().save_pretrained(folder)
         _tokenizer_files(src, folder, m.config.vocab_size)
@@ -224,6 +246,52 @@ def _padded(folder, vocab, B=32):
     return (ids, mask, torch.zeros_like(ids)), f"{what}, S={S}, {real / (B * S):.0%} real tokens"
 
 
+def _dev_batches(folder, B=32):
+    """SST-2 dev, tokenized by the folder's tokenizer (at most 128 tokens), in batches of B
+    padded to each batch's longest: [((ids, mask, types), labels)]."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    with open(SST2_DEV, encoding="utf-8") as f:
+        pairs = [ln.split("\t") for ln in f.read().splitlines()[1:] if ln.strip()]
+    out = []
+    for i in range(0, len(pairs), B):
+        chunk = pairs[i:i + B]
+        seqs = [tok.encode(t).ids[:128] for t, _ in chunk]
+        S = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), S, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, q in enumerate(seqs):
+            ids[j, :len(q)], mask[j, :len(q)] = torch.tensor(q), 1
+        out.append(((ids, mask, torch.zeros_like(ids)), torch.tensor([int(y) for _, y in chunk])))
+    return out
+
+
+# fp32 self of each INT8 provider: its accuracy drift is against this one
+FP32_OF = {"hf_ao_int8": "hf", "torchao_int8": "hf", "ort_int8": "ort_fp32",
+           "tkd_int8": "tkd_fp32", "tkd_lean_int8": "tkd_lean_fp32"}
+
+
+def _dev_accuracy(model_name, fns, folder):
+    """Rows of SST-2 dev accuracy per provider on a fine-tuned model, and each INT8 provider's
+    drift in points against its fp32 self."""
+    if not os.path.isfile(SST2_DEV):
+        print(f"infer: {SST2_DEV} not found: no accuracy")
+        return []
+    batches = _dev_batches(folder)
+    n = sum(len(y) for _, y in batches)
+    acc = {}
+    with torch.inference_mode():
+        for name, fn in fns.items():
+            right = sum(int((fn(*x).argmax(-1) == y).sum()) for x, y in batches)
+            acc[name] = right / n
+    return [dict(model=model_name, provider=name, accuracy=a, examples=n,
+                 drift_vs_fp32_points=(100 * (a - acc[FP32_OF[name]])
+                                       if name in FP32_OF and FP32_OF[name] in acc else None))
+            for name, a in acc.items()]
+
+
 # ------------------------------------------------------------------------------ timing
 
 
@@ -276,7 +344,7 @@ def _rows_for_case(model_name, threads, shape, padded, fns, inputs):
 # ------------------------------------------------------------------------------ main
 
 
-def main(device, quick=False):
+def main(device, quick=False, model=None, student=None):
     if device.type != "cpu":
         print("infer: a CPU benchmark; run it with --device cpu")
         return []
@@ -289,7 +357,7 @@ def main(device, quick=False):
     os.environ["TRITON_INTERPRET"] = "0"  # our ops' torch-reference path (the fast CPU path)
     threads0 = torch.get_num_threads()
     try:
-        return _run(device, quick)
+        return _run(device, quick, model, student)
     finally:
         torch.set_num_threads(threads0)
         if old is None:
@@ -298,7 +366,7 @@ def main(device, quick=False):
             os.environ["TRITON_INTERPRET"] = old
 
 
-def _run(device, quick):
+def _run(device, quick, model=None, student=None):
     from tkd_core import hf
     from tkd_core.models import ModelConfig, build_model
     batches, seqs = ((1, 32), (64,)) if quick else (BATCHES, SEQS)
@@ -306,8 +374,9 @@ def _run(device, quick):
     print(f"infer: load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
           f"{'quick' if quick else 'full'} grid")
     with tempfile.TemporaryDirectory() as tmp:
-        folders = _hf_folders(tmp)
-        onnx_paths, tkd_models, padded = {}, {}, {}
+        folders = _hf_folders(tmp, model, student)
+        scored = {n for n, given in (("MiniLM-L6", model), ("MiniLM-L2", student)) if given}
+        onnx_paths, tkd_models, padded, accuracy = {}, {}, {}, []
         for name, (hf_model, folder) in folders.items():
             paths, why = _onnx(hf_model, folder)
             onnx_paths[name] = paths
@@ -332,6 +401,8 @@ def _run(device, quick):
                 inputs, what = padded[name]
                 rows += _rows_for_case(name, threads, what, True, fns, inputs)
                 _progress(rows)
+                if name in scored and threads == THREADS[-1]:
+                    accuracy += _dev_accuracy(name, fns, folders[name][1])
             fns = _ours(student, quick, with_compile=False)
             for B in batches:
                 rows += _rows_for_case("default-student", threads, f"B={B} S=64", False, fns,
@@ -345,7 +416,11 @@ def _run(device, quick):
     path = harness._write_csv("infer", rows, device)
     print(f"wrote {os.path.relpath(path)}")
     _plot(rows, path[:-4] + ".png")
-    _targets(rows)
+    if accuracy:
+        harness.print_table("infer: SST-2 dev accuracy (fine-tuned weights)", accuracy,
+                            ["model", "provider", "accuracy", "drift_vs_fp32_points"])
+        print(f"wrote {os.path.relpath(harness._write_csv('infer_accuracy', accuracy, device))}")
+    _targets(rows, accuracy)
     return rows
 
 
@@ -386,8 +461,9 @@ def _plot(rows, path):
     print(f"wrote {os.path.relpath(path)}")
 
 
-def _targets(rows):
-    """The issue's targets at MiniLM-L6, S = 64, batch 1 and 32, per thread count."""
+def _targets(rows, accuracy=()):
+    """The issue's targets at MiniLM-L6, S = 64, batch 1 and 32, per thread count, and the
+    INT8 accuracy drift where fine-tuned weights were given."""
     def ms(model, threads, B, prov):
         r = [r for r in rows if (r["model"], r["threads"], r["batch"], r["seq"], r["provider"])
              == (model, threads, B, 64, prov) and not r["padded"]]
@@ -413,3 +489,9 @@ def _targets(rows):
                 ok = "met" if a / b >= need else "NOT met"
                 cells.append(f"{threads}t B={B}: {a / b:.2f}x {ok}")
         print(f"  {what}: " + ("; ".join(cells) if cells else "not measured"))
+    for r in accuracy:
+        if r["provider"] in ("tkd_lean_int8", "tkd_int8") and r["drift_vs_fp32_points"] is not None:
+            d = r["drift_vs_fp32_points"]
+            print(f"  {r['model']} {r['provider']} loses <= 0.5 points vs fp32 on SST-2 dev: "
+                  f"{d:+.2f} points ({100 * r['accuracy']:.2f}%) "
+                  f"{'met' if d >= -0.5 else 'NOT met'}")
