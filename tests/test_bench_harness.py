@@ -1,5 +1,7 @@
 """bench.harness.interleaved: rounds, rotation, and turns of several calls whose first is not
-timed (on a fake clock: what is checked is which calls count, not how long they take)."""
+timed (on a fake clock: what is checked is which calls count, not how long they take), and
+the bench CLI's checks of its infer-only flags."""
+import pytest
 import torch
 
 from bench import harness
@@ -52,3 +54,15 @@ def test_interleaved_lead_runs_for_its_seconds(monkeypatch):
     assert harness.interleaved({"x": fn}, reps=2, device=torch.device("cpu"), warmup=0,
                                block=3, lead_s=3.5) == {"x": 1.0}
     assert len(calls) == 2 * (4 + 3)
+
+
+def test_bench_cli_refuses_infer_flags_where_they_do_not_apply(tmp_path, capsys):
+    """--model / --student belong to the infer bench and must name an HF folder: refused with
+    a message before any bench runs."""
+    from bench.__main__ import main
+    for argv, msg in ((["layer_norm", "--model", str(tmp_path)], "options of the infer bench"),
+                      (["infer", "--model", str(tmp_path)], "not a Hugging Face model folder"),
+                      (["infer", "--student", str(tmp_path / "nope")], "--student")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
