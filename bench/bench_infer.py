@@ -220,52 +220,48 @@ def _full(B, S, vocab, seed=0):
     return ids, torch.ones(B, S, dtype=torch.long), torch.zeros(B, S, dtype=torch.long)
 
 
+def _sst2_dev(folder):
+    """SST-2 dev as (token ids of each sentence by the folder's tokenizer, at most 128; labels),
+    read by tkd_core.data's GLUE reader."""
+    from tokenizers import Tokenizer
+
+    from tkd_core import data
+    tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    tok.no_padding()  # MiniLM's tokenizer.json pads every sentence to 128
+    tok.no_truncation()
+    dev = data.read_tsv(SST2_DEV, data.get_task("sst2"))
+    return [tok.encode(e.text_a).ids[:128] for e in dev], [int(e.label) for e in dev]
+
+
+def _pad(seqs):
+    """(ids, mask, token types) of the sequences padded to the longest."""
+    ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, q in enumerate(seqs):
+        ids[i, :len(q)], mask[i, :len(q)] = torch.tensor(q), 1
+    return ids, mask, torch.zeros_like(ids)
+
+
 def _padded(folder, vocab, B=32):
     """B SST-2 dev sentences (a fixed random pick) tokenized and padded to the longest."""
     rng = random.Random(0)
     try:
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-        tok.no_padding()  # MiniLM's tokenizer.json pads every sentence to 128
-        tok.no_truncation()
-        with open(SST2_DEV, encoding="utf-8") as f:
-            lines = [ln.split("\t")[0] for ln in f.read().splitlines()[1:] if ln.strip()]
-        seqs = [tok.encode(s).ids[:128] for s in rng.sample(lines, B)]
+        seqs = rng.sample(_sst2_dev(folder)[0], B)
         what = f"{B} SST-2 dev sentences"
     except (OSError, ValueError, ImportError):  # no data or tokenizer: lengths only
         seqs = [[101] + [rng.randrange(1000, vocab) for _ in range(rng.randint(5, 60))] + [102]
                 for _ in range(B)]
         what = f"{B} random-length sequences"
-    S = max(map(len, seqs))
-    ids = torch.zeros(B, S, dtype=torch.long)
-    mask = torch.zeros(B, S, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    real = int(mask.sum())
-    return (ids, mask, torch.zeros_like(ids)), f"{what}, S={S}, {real / (B * S):.0%} real tokens"
+    inputs = _pad(seqs)
+    B, S = inputs[0].shape
+    real = int(inputs[1].sum())
+    return inputs, f"{what}, S={S}, {real / (B * S):.0%} real tokens"
 
 
 def _dev_batches(folder, B=32):
-    """SST-2 dev, tokenized by the folder's tokenizer (at most 128 tokens), in batches of B
-    padded to each batch's longest: [((ids, mask, types), labels)]."""
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-    tok.no_padding()
-    tok.no_truncation()
-    with open(SST2_DEV, encoding="utf-8") as f:
-        pairs = [ln.split("\t") for ln in f.read().splitlines()[1:] if ln.strip()]
-    out = []
-    for i in range(0, len(pairs), B):
-        chunk = pairs[i:i + B]
-        seqs = [tok.encode(t).ids[:128] for t, _ in chunk]
-        S = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), S, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, q in enumerate(seqs):
-            ids[j, :len(q)], mask[j, :len(q)] = torch.tensor(q), 1
-        out.append(((ids, mask, torch.zeros_like(ids)), torch.tensor([int(y) for _, y in chunk])))
-    return out
+    """SST-2 dev in batches of B, each padded to its longest: [((ids, mask, types), labels)]."""
+    seqs, labels = _sst2_dev(folder)
+    return [(_pad(seqs[i:i + B]), torch.tensor(labels[i:i + B])) for i in range(0, len(seqs), B)]
 
 
 # fp32 self of each INT8 provider: its accuracy drift is against this one

@@ -13,7 +13,6 @@ GOP/s = 2 * M * N * K / time. On CPU `torch._int_mm` is a slow reference loop: i
 harness only where M <= 128, and once (a single call) at M = 4096.
 """
 import os
-import statistics
 import time
 import warnings
 
@@ -147,17 +146,17 @@ def _per_core(shapes):
 
 def _vs_fbgemm(shapes, rounds=9):
     """Issue 14's comparison at M = 4096: ours / fbgemm as the GEMM (int8 in) and as the dynamic
-    linear (float in and out), 1 and 2 threads; ratios are of medians. 1 thread: calls
-    interleaved (ours, fbgemm, ours, ...), timed in the calling thread's CPU time (scheduling
-    waits on a busy machine do not count). 2 threads: wall time over interleaved turns, each an
-    untimed call and then 2 timed calls of one provider (harness.interleaved), as a process that
-    runs one of them sees: call by call, fbgemm's OpenMP worker still spun on a core while ours
+    linear (float in and out), 1 and 2 threads; ratios are of medians over interleaved rounds
+    (harness.interleaved). 1 thread: one call each a round, timed in the calling thread's CPU
+    time (scheduling waits on a busy machine do not count). 2 threads: wall time over turns,
+    each an untimed call and then 2 timed calls of one provider, as a process that runs one
+    of them sees: call by call, fbgemm's OpenMP worker still spun on a core while ours
     ran (ratios 0.79 / 1.06 / 0.86x); a 20 ms sleep before each call instead let the idle
     vCPUs slow the next call down. `gemm_out`: ours into a preallocated out= (a fresh float
     output is faulted in page by page at every call: glibc maps blocks over 32 MiB anew, and
     fbgemm's quint8 output is a quarter of ours)."""
     from bench.harness import interleaved
-    n = torch.get_num_threads()
+    threads0, cpu = torch.get_num_threads(), torch.device("cpu")
     print(f"ours / fbgemm at M=4096, median of {rounds} rounds (load average "
           f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs):")
     try:
@@ -167,29 +166,20 @@ def _vs_fbgemm(shapes, rounds=9):
             cells = []
             for kind, make, peer in (("gemm", gemm_case, "fbgemm"),
                                      ("linear", linear_case, "fbgemm_dynamic")):
-                case = make(M, K, N, torch.device("cpu"))
+                case = make(M, K, N, cpu)
                 inputs = case.make_inputs()
                 mine = ("ours", "ours_out") if kind == "gemm" else ("ours",)
                 fns = {n: case.providers[n].fn for n in mine + (peer,)}
-                torch.set_num_threads(1)
-                times = {name: [] for name in fns}
-                for fn in fns.values():
-                    fn(*inputs)
-                for _ in range(rounds):
-                    for name, fn in fns.items():
-                        t0 = time.thread_time()
-                        fn(*inputs)
-                        times[name].append(time.thread_time() - t0)
-                med = {name: statistics.median(t) for name, t in times.items()}
-                cells += [f"{kind}{n[4:]} 1T {med[peer] / med[n]:.2f}x" for n in mine]
-                torch.set_num_threads(2)
                 bound = {name: (lambda f=fn, x=inputs: f(*x)) for name, fn in fns.items()}
-                med = interleaved(bound, rounds, torch.device("cpu"), warmup=1, block=2,
-                                  lead_s=1e-9)
+                torch.set_num_threads(1)
+                med = interleaved(bound, rounds, cpu, warmup=1, clock=time.thread_time)
+                cells += [f"{kind}{n[4:]} 1T {med[peer] / med[n]:.2f}x" for n in mine]
+                torch.set_num_threads(2)  # turns: one untimed call (any lead_s > 0), 2 timed
+                med = interleaved(bound, rounds, cpu, warmup=1, block=2, lead_s=1e-9)
                 cells += [f"{kind}{n[4:]} 2T {med[peer] / med[n]:.2f}x" for n in mine]
             print(f"  M={M} K={K} N={N}: " + ", ".join(cells))
     finally:
-        torch.set_num_threads(n)
+        torch.set_num_threads(threads0)
 
 
 def _gops(rows, shape, provider):

@@ -72,14 +72,17 @@ def time_ms(fn, inputs, device, reps=20, warmup=3):
     return median_ms(lambda: fn(*inputs), reps, warmup)
 
 
-def interleaved(fns, reps, device, warmup=2, block=1, lead_s=0.0):
+def interleaved(fns, reps, device, warmup=2, block=1, lead_s=0.0, clock=None):
     """{name: median seconds} of fns' calls over `reps` rounds, each round one turn of each fn,
     the order rotated every round (what runs after what is not always the same).
 
     A turn is `block` timed calls in a row; with lead_s > 0 they follow untimed calls of the
     same fn for at least lead_s seconds (one at least). The lead absorbs what the previous fn
     left behind (another runtime's worker threads still spinning on the cores, evicted
-    caches), which a process serving one model never sees."""
+    caches), which a process serving one model never sees. clock: what a call's time is read
+    from (default time.perf_counter; time.thread_time: the calling thread's CPU time,
+    scheduling waits left out)."""
+    clock = clock or time.perf_counter
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -96,10 +99,10 @@ def interleaved(fns, reps, device, warmup=2, block=1, lead_s=0.0):
                     fn()
             for _ in range(block):
                 sync()
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
                 sync()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -31,8 +31,7 @@ def _ms(lat, b):
 
 
 ROW_ORDER = ["teacher", "tkd", "tkd-T2", "tkd-T4", "tkd-noaug", "tkd-logits", "tkd-hidden",
-             "tkd-attn",
-             "tkd-small", "tnlp", "kd-bilstm", "rnn", "lstm", "cnn", "tfidf", "int8"]
+             "tkd-attn", "tkd-small", "tnlp", "kd-bilstm", "rnn", "lstm", "cnn", "tfidf", "int8"]
 # Published SST-2 dev accuracy (%) of pretrained students, for the pretrained study
 PUBLISHED_PRETRAINED = [
     ("MiniLM-L6-H384, fine-tuned (Wang et al. 2020)", "91.5"),
