@@ -2,7 +2,8 @@
 
 Two tables:
 - "int8_gemm" (the GEMM): y = (a @ b.T) * a_scale * b_scale, int8 a (M, K) already quantized,
-  the weight packed once (`ours`; `ours_out` into a preallocated out=). Peers: fbgemm
+  the weight packed once (`ours`, its output from the output pool when >= 8 MiB; `ours_out`
+  into a preallocated out=; `ours_fresh` into a new torch.empty each call). Peers: fbgemm
   `quantized::linear` with prepacked weights (quint8 in, quint8 out, its own requantizing
   epilogue), fbgemm dynamic linear (`quantize_dynamic`, float in and out, so it also quantizes
   x), fp32 `torch.matmul`, and `torch._int_mm` (int32 out).
@@ -60,6 +61,10 @@ def gemm_case(M, K, N, device):
         buf = torch.empty(M, N)  # into a preallocated output: no page faults in the call
         providers["ours_out"] = Provider(
             lambda a, b, s1, s2: G.int8_gemm_packed(a, packed, s1, s2, out=buf))
+        # into a new torch.empty output at every call, as before the output pool: >= 32 MiB
+        # is mapped anew and faulted in inside the call
+        providers["ours_fresh"] = Provider(
+            lambda a, b, s1, s2: G.int8_gemm_packed(a, packed, s1, s2, out=torch.empty(M, N)))
         pw = _fbgemm_static(w, None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -152,9 +157,10 @@ def _vs_fbgemm(shapes, rounds=9):
     each an untimed call and then 2 timed calls of one provider, as a process that runs one
     of them sees: call by call, fbgemm's OpenMP worker still spun on a core while ours
     ran (ratios 0.79 / 1.06 / 0.86x); a 20 ms sleep before each call instead let the idle
-    vCPUs slow the next call down. `gemm_out`: ours into a preallocated out= (a fresh float
-    output is faulted in page by page at every call: glibc maps blocks over 32 MiB anew, and
-    fbgemm's quint8 output is a quarter of ours)."""
+    vCPUs slow the next call down. `gemm`: ours with its output from the output pool
+    (tkd_core.int8.cpu_output); `gemm_out`: into a preallocated out=; `gemm_fresh`: into a new
+    torch.empty every call, where glibc maps blocks over 32 MiB anew and the kernel faults them
+    in page by page (fbgemm's quint8 output is a quarter of ours)."""
     from bench.harness import interleaved
     threads0, cpu = torch.get_num_threads(), torch.device("cpu")
     print(f"ours / fbgemm at M=4096, median of {rounds} rounds (load average "
@@ -168,7 +174,7 @@ def _vs_fbgemm(shapes, rounds=9):
                                      ("linear", linear_case, "fbgemm_dynamic")):
                 case = make(M, K, N, cpu)
                 inputs = case.make_inputs()
-                mine = ("ours", "ours_out") if kind == "gemm" else ("ours",)
+                mine = ("ours", "ours_out", "ours_fresh") if kind == "gemm" else ("ours",)
                 fns = {n: case.providers[n].fn for n in mine + (peer,)}
                 bound = {name: (lambda f=fn, x=inputs: f(*x)) for name, fn in fns.items()}
                 torch.set_num_threads(1)

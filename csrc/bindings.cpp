@@ -5,9 +5,12 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <new>
+#include <stdexcept>
 
 #include "encoder_cpu.h"
 #include "int8_gemm_cpu.h"
+#include "out_pool.h"
 #ifdef TKD_WITH_CUDA
 #include "int8_gemm_cuda.h"
 #endif
@@ -16,6 +19,64 @@ namespace py = pybind11;
 
 template <typename T>
 static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// DLPack's ABI (dlpack.h, the legacy "dltensor" capsule torch.from_dlpack takes): how a pooled
+// output block (out_pool.h) becomes a torch tensor whose storage, when freed, gives it back.
+struct DLDevice { int32_t device_type; int32_t device_id; };  // kDLCPU = 1
+struct DLDataType { uint8_t code; uint8_t bits; uint16_t lanes; };  // kDLInt 0, kDLFloat 2
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor* self);
+};
+struct Lease {
+  DLManagedTensor m;
+  int64_t shape[2], strides[2], block_bytes;
+};
+
+// rows x cols float32 (is_int = false) or int32, C-contiguous, as a DLPack capsule
+static py::object pooled_output(int64_t rows, int64_t cols, bool is_int) {
+  if (rows < 0 || cols < 0) throw std::invalid_argument("pooled_output: negative shape");
+  int64_t block = 0;
+  void* p = tkd::outpool::take(rows * cols * 4, &block);
+  if (p == nullptr) throw std::bad_alloc();
+  auto* l = new Lease{};
+  l->shape[0] = rows;
+  l->shape[1] = cols;
+  l->strides[0] = cols;
+  l->strides[1] = 1;
+  l->block_bytes = block;
+  l->m.dl_tensor = DLTensor{p, DLDevice{1, 0}, 2,
+                            DLDataType{static_cast<uint8_t>(is_int ? 0 : 2), 32, 1}, l->shape,
+                            l->strides, 0};
+  l->m.manager_ctx = l;
+  l->m.deleter = [](DLManagedTensor* self) {
+    auto* lease = static_cast<Lease*>(self->manager_ctx);
+    tkd::outpool::give_back(lease->m.dl_tensor.data, lease->block_bytes);
+    delete lease;
+  };
+  // A capsule torch never consumed (still named "dltensor") ends the lease itself.
+  PyObject* cap = PyCapsule_New(&l->m, "dltensor", [](PyObject* c) {
+    if (PyCapsule_IsValid(c, "dltensor")) {
+      auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
+      m->deleter(m);
+    }
+  });
+  if (cap == nullptr) {
+    l->m.deleter(&l->m);
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::object>(cap);
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "tkd INT8 GEMM extension: exact AVX-512 VNNI/AVX2/scalar CPU kernels, tensor-core CUDA kernel";
@@ -29,6 +90,23 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa_code", &tkd::cpu_isa_code, "the same as a code: 2, 1 or 0");
   m.def("set_cpu_isa", &tkd::set_cpu_isa, py::arg("isa"),
         "'scalar' / 'avx2' force a path (for tests), 'auto' restores detection");
+  m.def("pooled_output", &pooled_output, py::arg("rows"), py::arg("cols"), py::arg("is_int"),
+        "a (rows, cols) float32 / int32 block from the output pool, as a DLPack capsule");
+  m.def("output_pool_release", &tkd::outpool::release, "frees the idle blocks; returns bytes");
+  m.def("output_pool_set_max_idle", &tkd::outpool::set_max_idle, py::arg("bytes"),
+        "caps the idle bytes kept; returns the previous cap");
+  m.def("output_pool_stats", [] {
+    const tkd::outpool::Stats s = tkd::outpool::stats();
+    py::dict d;
+    d["idle_bytes"] = s.idle_bytes;
+    d["idle_blocks"] = s.idle_blocks;
+    d["leased_bytes"] = s.leased_bytes;
+    d["leased_blocks"] = s.leased_blocks;
+    d["max_idle_bytes"] = s.max_idle_bytes;
+    d["reuses"] = s.reuses;
+    d["allocs"] = s.allocs;
+    return d;
+  });
   m.def("packed_b_bytes", &tkd::packed_b_bytes, py::arg("N"), py::arg("K"), py::arg("isa"));
   m.def("gemm_threads", &tkd::gemm_threads, py::arg("M"), py::arg("N"), py::arg("K"),
         py::arg("nthreads"));

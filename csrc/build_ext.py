@@ -19,7 +19,7 @@ import sysconfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["bindings.cpp", "cpu_pool.cpp", "int8_gemm_cpu.cpp", "int8_gemm_avx512.cpp",
-               "encoder_cpu.cpp"]
+               "encoder_cpu.cpp", "out_pool.cpp"]
 CUDA_SOURCE = "int8_gemm_cuda.cu"
 DEFAULT_ARCHS = "80;86;89;90a"
 

@@ -118,6 +118,57 @@ def _threads() -> int:
     return _KERNEL_THREADS or max(1, torch.get_num_threads())
 
 
+# Large CPU outputs come from the extension's output pool (csrc/out_pool.h). glibc maps a block
+# above its mmap threshold (at most 32 MiB) anew at every call, and the kernel then faults it in
+# page by page: 9.8 ms of a 20 ms M=4096 x N=3072 float32 GEMM on 2 threads here. A pooled block
+# goes back to the pool when torch frees its tensor's storage (the tensor and every view of it
+# gone), and the next output of that size reuses it, already faulted in. At 12 MiB fresh and
+# reused outputs cost the same here, so smaller outputs stay with torch's allocator.
+POOL_MIN_BYTES = 8 << 20
+_POOL_MAX_IDLE = 256 << 20  # the extension's default cap on idle pooled bytes
+
+
+def set_output_pool(max_idle_bytes: int) -> int:
+    """Caps the bytes of idle pooled output blocks kept for reuse (default 256 MiB); returns
+    the previous cap. 0 turns the pool off: idle blocks are freed, and outputs come from torch's
+    allocator again (leased blocks are freed when their tensors are)."""
+    global _POOL_MAX_IDLE
+    if isinstance(max_idle_bytes, bool) or not isinstance(max_idle_bytes, int) \
+            or max_idle_bytes < 0:
+        raise ValueError(f"max_idle_bytes must be an int >= 0, got {max_idle_bytes!r}")
+    prev, _POOL_MAX_IDLE = _POOL_MAX_IDLE, max_idle_bytes
+    _ext().output_pool_set_max_idle(max_idle_bytes)
+    return prev
+
+
+def output_pool_stats() -> dict:
+    """The output pool's bytes and blocks, idle and leased, its cap, reuses and allocations."""
+    return dict(_ext().output_pool_stats())
+
+
+def release_output_pool() -> int:
+    """Frees the pool's idle blocks (blocks still held by tensors are not touched); returns the
+    bytes freed."""
+    return _ext().output_pool_release()
+
+
+def cpu_output(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous CPU float32 / int32 tensor for a kernel to write: from the
+    output pool when it holds >= POOL_MIN_BYTES and the pool is on, else `utils.empty` (both
+    poisoned under TKD_POISON_OUTPUTS=1). A pooled tensor's storage is not resizable
+    (`resize_` to a larger size raises)."""
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    cols = shape[-1] if len(shape) else 1
+    if _POOL_MAX_IDLE == 0 or rows * cols * 4 < POOL_MIN_BYTES or _C is None:
+        return utils.empty(tuple(shape), dtype=dtype, device="cpu")
+    out = torch.from_dlpack(_C.pooled_output(rows, cols, dtype == torch.int32)).view(shape)
+    if utils.poison_requested():
+        out.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
+    return out
+
+
 @contextlib.contextmanager
 def kernel_threads(n: int):
     """Within the block our CPU kernels (INT8 GEMM, quantizer, tkd_core.infer's encoder ops) run
@@ -263,8 +314,8 @@ def int8_gemm_packed(a, w: PackedInt8Weight, a_scale=None, b_scale=None, bias=No
     """`int8_gemm` on the CPU with a weight packed once by `pack_weight`.
 
     out: an (M, N) float32 (int32 without scales) tensor to write instead of a new one; its
-    rows need unit stride. A fresh output is faulted in page by page at every call: 9.8 ms of
-    a 20 ms M=4096 x N=3072 GEMM on 2 threads here, where glibc maps each 48 MiB block anew."""
+    rows need unit stride. Without it, an output of >= 8 MiB comes from the output pool
+    (`cpu_output`)."""
     M, N, K, scaled = _validate_gemm(a, None, a_scale, b_scale, bias, out_dtype,
                                      packed_k=(w.N, w.K))
     act = activation_code(activation)
@@ -274,7 +325,7 @@ def int8_gemm_packed(a, w: PackedInt8Weight, a_scale=None, b_scale=None, bias=No
         raise ValueError("int8_gemm_packed takes CPU tensors; call int8_gemm on CUDA")
     dtype = torch.float32 if scaled else torch.int32
     if out is None:
-        out = utils.empty((M, N), dtype=dtype, device=a.device)
+        out = cpu_output((M, N), dtype)
     else:
         others = [("a", a), ("the packed weight", w.data)] + [
             (n, t) for n, t in (("a_scale", a_scale), ("b_scale", b_scale), ("bias", bias))
@@ -298,7 +349,7 @@ def _linear_cpu(x2d: torch.Tensor, packed: torch.Tensor, isa: int, w_scale: torc
     M, K = x2d.shape
     N = w_scale.shape[0]
     if out is None:
-        out = utils.empty((M, N), dtype=torch.float32, device=x2d.device)
+        out = cpu_output((M, N), torch.float32)
     if M == 0 or N == 0:
         return out
     x_scale = torch.empty(M, dtype=torch.float32)  # written by the quantizer, read by the epilogue

@@ -11,9 +11,9 @@ from typing import Callable, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..kernels import utils
 from .gemm import (_X_DTYPE_CODE, PackedInt8Weight, _ext, _int8_linear_op, _threads,
-                   activation_code, int8_gemm, quantize_per_token, quantize_per_token_ref)
+                   activation_code, cpu_output, int8_gemm, quantize_per_token,
+                   quantize_per_token_ref)
 
 # ---------------------------------------------------------------------------------------------
 # Int8Linear: the drop-in module (inference only)
@@ -43,7 +43,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
         self._packed_key = None  # what the packed buffer and plan were made from (_cpu_plan)
-        self._isa, self._plan, self._poison = -1, None, False
+        self._isa, self._plan = -1, None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, activation: Optional[str] = None) -> "Int8Linear":
@@ -98,7 +98,6 @@ class Int8Linear(nn.Module):
                                            self.in_features, ws.data_ptr(),
                                            b.data_ptr() if b is not None else 0, self.act)
             self._packed_key = (w.data_ptr(), key[1], key[2], ws.data_ptr(), key[4])
-            self._poison = utils.poison_requested()  # tests: NaN-fill outputs before the kernel
         return self._plan
 
     def forward(self, x):
@@ -122,9 +121,7 @@ class Int8Linear(nn.Module):
         plan = self._cpu_plan()
         x2 = x if x.is_contiguous() else x.reshape(-1, self.in_features).contiguous()
         M = x2.numel() // self.in_features if self.in_features else 0  # rows of (M, K)
-        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
-        if self._poison:
-            y.fill_(float("nan"))
+        y = cpu_output((*x.shape[:-1], self.out_features), torch.float32)
         if M and self.out_features:
             plan(x2.data_ptr(), code, self.in_features, M, y.data_ptr(), _threads())
         return y if x.dtype == torch.float32 else y.to(x.dtype)

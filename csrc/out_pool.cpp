@@ -1,0 +1,112 @@
+// Pool of large output blocks (see out_pool.h). Thread-safe: a lease ends wherever torch frees
+// the tensor, on any thread, without the GIL.
+#include "out_pool.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <mutex>
+#include <vector>
+
+namespace tkd::outpool {
+namespace {
+
+struct Block {
+  void* p;
+  int64_t bytes;
+};
+
+std::mutex mu;
+std::vector<Block> idle;  // most recently returned last (reused first: its pages are warm)
+int64_t idle_bytes = 0, leased_bytes = 0, leased_blocks = 0, reuses = 0, allocs = 0;
+int64_t max_idle = int64_t{256} << 20;
+
+}  // namespace
+
+void* take(int64_t bytes, int64_t* block_bytes) {
+  const int64_t want = (std::max<int64_t>(bytes, 1) + kAlign - 1) / kAlign * kAlign;
+  *block_bytes = want;
+  {
+    std::lock_guard<std::mutex> g(mu);
+    for (auto it = idle.rbegin(); it != idle.rend(); ++it) {
+      if (it->bytes != want) continue;
+      void* p = it->p;
+      idle.erase(std::next(it).base());
+      idle_bytes -= want;
+      leased_bytes += want;
+      ++leased_blocks;
+      ++reuses;
+      return p;
+    }
+  }
+  void* p = std::aligned_alloc(static_cast<size_t>(kAlign), static_cast<size_t>(want));
+  if (p == nullptr) return nullptr;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(p, static_cast<size_t>(want), MADV_HUGEPAGE);  // 512x fewer faults where THP is on
+#endif
+  std::lock_guard<std::mutex> g(mu);
+  leased_bytes += want;
+  ++leased_blocks;
+  ++allocs;
+  return p;
+}
+
+void give_back(void* p, int64_t block_bytes) {
+  {
+    std::lock_guard<std::mutex> g(mu);
+    leased_bytes -= block_bytes;
+    --leased_blocks;
+    if (idle_bytes + block_bytes <= max_idle) {
+      idle.push_back({p, block_bytes});
+      idle_bytes += block_bytes;
+      return;
+    }
+  }
+  std::free(p);
+}
+
+int64_t release() {
+  std::vector<Block> out;
+  {
+    std::lock_guard<std::mutex> g(mu);
+    out.swap(idle);
+    idle_bytes = 0;
+  }
+  int64_t freed = 0;
+  for (const Block& b : out) {
+    std::free(b.p);
+    freed += b.bytes;
+  }
+  return freed;
+}
+
+int64_t set_max_idle(int64_t bytes) {
+  int64_t prev;
+  {
+    std::lock_guard<std::mutex> g(mu);
+    prev = max_idle;
+    max_idle = std::max<int64_t>(bytes, 0);
+  }
+  // idle blocks beyond the new cap go now, oldest first
+  std::vector<Block> drop;
+  {
+    std::lock_guard<std::mutex> g(mu);
+    size_t k = 0;
+    while (idle_bytes > max_idle && k < idle.size()) {
+      idle_bytes -= idle[k].bytes;
+      drop.push_back(idle[k++]);
+    }
+    idle.erase(idle.begin(), idle.begin() + static_cast<std::ptrdiff_t>(k));
+  }
+  for (const Block& b : drop) std::free(b.p);
+  return prev;
+}
+
+Stats stats() {
+  std::lock_guard<std::mutex> g(mu);
+  return {idle_bytes, static_cast<int64_t>(idle.size()), leased_bytes, leased_blocks, max_idle,
+          reuses, allocs};
+}
+
+}  // namespace tkd::outpool
