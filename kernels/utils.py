@@ -1,4 +1,5 @@
 """Helpers shared by every kernel: the dispatch rule, dtype names, block-size heuristics."""
+import contextlib
 import os
 
 import torch
@@ -19,6 +20,21 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+_REFERENCE_DEPTH = 0  # > 0 inside reference_ops()
+
+
+@contextlib.contextmanager
+def reference_ops():
+    """Within the block every op runs its torch reference, as with TKD_OPS=reference (used by
+    tkd_core.export_onnx: exporters trace plain torch math, not our kernels' launchers)."""
+    global _REFERENCE_DEPTH
+    _REFERENCE_DEPTH += 1
+    try:
+        yield
+    finally:
+        _REFERENCE_DEPTH -= 1
+
+
 def backend(t: torch.Tensor) -> str:
     """The one dispatch rule of every op: which path runs for a tensor on this device.
 
@@ -30,7 +46,7 @@ def backend(t: torch.Tensor) -> str:
     ops = os.environ.get("TKD_OPS", "auto")
     if ops not in ("auto", "reference"):
         raise ValueError(f"TKD_OPS must be 'auto' or 'reference', got {ops!r}")
-    if ops == "reference":
+    if ops == "reference" or _REFERENCE_DEPTH:
         return "reference"
     if t.is_cuda:
         return "triton"

@@ -32,6 +32,24 @@ def test_tkd_ops_reference_forces_the_torch_references(monkeypatch):
         tkd_core.ops.backend(torch.zeros(3))
 
 
+def test_reference_ops_block_forces_the_references_and_nests(monkeypatch):
+    class FakeCuda:
+        is_cuda = True
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.zeros(3)
+    with utils.reference_ops():
+        assert tkd_core.ops.backend(x) == "reference"
+        assert tkd_core.ops.backend(FakeCuda()) == "reference"
+        with utils.reference_ops():
+            assert tkd_core.ops.backend(x) == "reference"
+        assert tkd_core.ops.backend(x) == "reference"  # still inside the outer block
+    assert tkd_core.ops.backend(x) == "interpreter"
+    with pytest.raises(RuntimeError):
+        with utils.reference_ops():
+            raise RuntimeError("left by an exception")
+    assert tkd_core.ops.backend(x) == "interpreter"  # restored
+
+
 def test_backend_rule_cuda_tensor_is_triton():
     class FakeCuda:  # no GPU here: only the device test of the rule is exercised
         is_cuda = True
