@@ -2,6 +2,7 @@
 // the tensor, on any thread, without the GIL.
 #include "out_pool.h"
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -21,6 +22,14 @@ std::mutex mu;
 std::vector<Block> idle;  // most recently returned last (reused first: its pages are warm)
 int64_t idle_bytes = 0, leased_bytes = 0, leased_blocks = 0, reuses = 0, allocs = 0;
 int64_t max_idle = int64_t{256} << 20;
+
+// fork() while another thread holds the lock would leave the child's copy locked forever:
+// hold it across fork (prepare), release it in both processes afterwards.
+struct AtFork {
+  AtFork() {
+    pthread_atfork([] { mu.lock(); }, [] { mu.unlock(); }, [] { mu.unlock(); });
+  }
+} at_fork;
 
 }  // namespace
 

@@ -146,3 +146,30 @@ def test_lease_ends_on_another_thread_and_for_an_unused_capsule():
     small = G.cpu_output((7, 257), torch.float32)
     assert small.shape == (7, 257)
     assert G.output_pool_stats()["allocs"] + G.output_pool_stats()["reuses"] == allocs
+
+
+def test_a_forked_child_uses_the_pool():
+    """fork() (DataLoader workers) while the parent holds a lease: the child can take blocks, and
+    its writes stay in its own copy. (A fork while another thread holds the pool's lock is
+    handled by pthread_atfork in out_pool.cpp; that race is not reproducible in a test.)"""
+    import os
+    import sys
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    t = G.cpu_output((M, N), torch.float32)
+    t.fill_(1.0)
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if the pool works there
+        try:
+            torch.set_num_threads(1)  # libgomp's team does not survive fork (torch's fill_)
+            leased = G.output_pool_stats()["leased_blocks"] >= 1
+            u = G.cpu_output((M, N), torch.float32)
+            u.fill_(2.0)
+            code = 0 if leased and u.shape == (M, N) else 1
+        except BaseException:
+            code = 2
+        sys.stdout.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert bool((t == 1.0).all())  # the child's writes went to its own copy
