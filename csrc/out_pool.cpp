@@ -37,13 +37,20 @@ void* take(int64_t bytes, int64_t* block_bytes) {
   const int64_t want = (std::max<int64_t>(bytes, 1) + kAlign - 1) / kAlign * kAlign;
   *block_bytes = want;
   {
+    // The smallest idle block that fits and wastes at most a quarter of itself (batches of
+    // varying length ask for nearby sizes); among equals the most recently returned one.
     std::lock_guard<std::mutex> g(mu);
-    for (auto it = idle.rbegin(); it != idle.rend(); ++it) {
-      if (it->bytes != want) continue;
-      void* p = it->p;
-      idle.erase(std::next(it).base());
-      idle_bytes -= want;
-      leased_bytes += want;
+    auto best = idle.end();
+    for (auto it = idle.begin(); it != idle.end(); ++it)
+      if (it->bytes >= want && it->bytes - want <= it->bytes / 4 &&
+          (best == idle.end() || it->bytes <= best->bytes))
+        best = it;
+    if (best != idle.end()) {
+      void* p = best->p;
+      *block_bytes = best->bytes;
+      idle_bytes -= best->bytes;
+      leased_bytes += best->bytes;
+      idle.erase(best);
       ++leased_blocks;
       ++reuses;
       return p;

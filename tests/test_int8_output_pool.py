@@ -173,3 +173,23 @@ def test_a_forked_child_uses_the_pool():
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert bool((t == 1.0).all())  # the child's writes went to its own copy
+
+
+def test_a_nearby_size_reuses_a_block_a_distant_one_does_not():
+    """Batches of varying length: a request that fits an idle block with at most a quarter of
+    it unused takes that block; a much smaller one gets a new block. Results stay exact."""
+    b = rand_i8(N, K)
+    w = G.pack_weight(b)
+    a = rand_i8(2 * M, K)
+    y = G.int8_gemm_packed(a, w)  # (4098, 1031) int32: a 18 MiB block
+    first = base_ptr(y)
+    del y
+    a2 = rand_i8(2 * M - 300, K)  # about 7% smaller: same block
+    y2 = G.int8_gemm_packed(a2, w)
+    assert base_ptr(y2) == first
+    assert torch.equal(y2.long(), exact(a2, b))
+    del y2
+    a3 = rand_i8(M, K)  # half the size: a block of its own
+    y3 = G.int8_gemm_packed(a3, w)
+    assert base_ptr(y3) != first
+    assert torch.equal(y3.long(), exact(a3, b))

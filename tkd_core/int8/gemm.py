@@ -122,8 +122,10 @@ def _threads() -> int:
 # above its mmap threshold (at most 32 MiB) anew at every call, and the kernel then faults it in
 # page by page: 9.8 ms of a 20 ms M=4096 x N=3072 float32 GEMM on 2 threads here. A pooled block
 # goes back to the pool when torch frees its tensor's storage (the tensor and every view of it
-# gone), and the next output of that size reuses it, already faulted in. At 12 MiB fresh and
-# reused outputs cost the same here, so smaller outputs stay with torch's allocator.
+# gone), and the next output of that size, or up to a quarter smaller, reuses it, already
+# faulted in. Below 32 MiB glibc's heap usually reuses memory too (at 12 MiB fresh and reused
+# outputs cost the same here); the pool starts at 8 MiB, where the kernel advises huge pages,
+# and smaller outputs stay with torch's allocator.
 POOL_MIN_BYTES = 8 << 20
 _POOL_MAX_IDLE = 256 << 20  # the extension's default cap on idle pooled bytes
 
