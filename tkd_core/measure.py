@@ -5,6 +5,7 @@ of them means the same thing:
 
     m = evaluate(model, items, spec)            # dev metrics + mean loss (sharded under DDP)
     ms = latency_ms(model, batch=1)             # median ms of one forward, random tokens, S=64
+    r = latency_rounds({"a": m1, "b": m2})      # the same, in rounds interleaved over models
     print(format_table(rows, cols))             # a markdown table
 
 The latency every report quotes is `latency_ms`: a forward of (batch, SEQ_LEN=64) random tokens
@@ -59,6 +60,22 @@ def latency_ms(model: nn.Module, batch: int = 1, reps: int = 30, seq_len: int = 
     """Median ms of one forward of (batch, seq_len) random tokens (see the module docstring)."""
     args = latency_inputs(model.config.vocab_size, batch, seq_len)
     return median_ms(lambda: model(*args), reps)
+
+
+def latency_rounds(models: Dict[str, nn.Module], batches: Sequence[int] = (1, 32), reps=30,
+                   rounds: int = 3) -> Dict[str, Dict[int, List[float]]]:
+    """{name: {batch: [latency_ms of each round]}}. Each round times every model in turn, so a
+    slow spell of a shared machine does not land on one model; report the rounds' median.
+    reps: an int, or {batch: reps}."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    per = reps if isinstance(reps, dict) else {b: reps for b in batches}
+    out = {name: {b: [] for b in batches} for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            for b in batches:
+                out[name][b].append(latency_ms(model, b, per[b]))
+    return out
 
 
 def cpu_threads(requested: int) -> int:

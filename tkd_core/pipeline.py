@@ -2,19 +2,21 @@
 
 The smallest experiment of the trainer's machinery: two `train()` stages with the CPU schedule
 below, `quantize_model` on the student, and one table of accuracy, parameters, size and CPU
-latency (`tkd_core.measure`: batch 1 and 32, 64 random tokens). Stage directories are
+latency (`tkd_core.measure`: batch 1 and 32, 64 random tokens, the median of 3 rounds
+interleaved over the three models). Stage directories are
 <out>/teacher and <out>/student; `--resume` continues each stage from its checkpoint.
 """
 import argparse
 import copy
 import json
 import os
+import statistics
 import time
 
 import torch
 
 from .checkpoint import CHECKPOINT
-from .measure import evaluate, format_table, latency_ms, param_count, size_bytes
+from .measure import evaluate, format_table, latency_rounds, param_count, size_bytes
 
 # The default CPU run (teacher + distilled student + INT8 within a few minutes on 2 cores):
 # shorter schedules than the paper's 10 epochs; --teacher-epochs / --student-epochs / --lr win.
@@ -26,13 +28,17 @@ TABLE_FMT = {"score": "{:.4f}", "size_mb": "{:.3f}", "cpu_latency_ms": "{:.2f}",
 
 
 def report_row(name, model, metrics, spec, params=None) -> dict:
-    """One table row; params: pass the float model's count for an INT8 model (its weights are
-    int8 buffers, not parameters)."""
+    """One table row (its latencies filled by `_finish`, in rounds over every row's model);
+    params: pass the float model's count for an INT8 model (its weights are int8 buffers, not
+    parameters)."""
     model = copy.deepcopy(model).cpu().eval()
     return dict(model=name, metric=spec.metrics[0], score=metrics[spec.metrics[0]],
                 params=params or param_count(model), size_mb=size_bytes(model) / 2**20,
-                cpu_latency_ms=latency_ms(model, batch=1),
-                cpu_latency_b32_ms=latency_ms(model, batch=32, reps=5))
+                _model=model)
+
+
+LATENCY_REPS = {1: 30, 32: 5}  # forwards timed per round, by batch
+LATENCY_ROUNDS = 3
 
 
 def pipeline(args) -> int:
@@ -150,6 +156,13 @@ def _stage(args, root, name, mode, schedule, epochs=None, **extra):
 
 
 def _finish(root, spec, items, rows, t0) -> None:
+    # latency: the median of rounds interleaved over the rows' models (one after the other, a
+    # busy spell of the machine landed on one model: 2.70 against 1.77 ms measured alone)
+    models = {r["model"]: r.pop("_model") for r in rows}
+    rounds = latency_rounds(models, tuple(LATENCY_REPS), LATENCY_REPS, LATENCY_ROUNDS)
+    for r in rows:
+        r["cpu_latency_ms"] = statistics.median(rounds[r["model"]][1])
+        r["cpu_latency_b32_ms"] = statistics.median(rounds[r["model"]][32])
     print(f"\npipeline on {spec.name} ({len(items)} dev examples), "
           f"{time.perf_counter() - t0:.0f} s:")
     print(format_table(rows, TABLE_COLS, TABLE_FMT))

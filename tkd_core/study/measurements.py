@@ -1,7 +1,7 @@
 """The study's measurements of trained runs: dev metrics, parameters, bytes, CPU latency, the INT8
 student, the TF-IDF baseline, and the machine they ran on.
 
-Every number comes from `tkd_core.measure` (the evaluator, `latency_ms`, `size_on_disk`), the
+Every number comes from `tkd_core.measure` (the evaluator, `latency_rounds`, `size_on_disk`), the
 same code the trainer and bench use; latency is measured in rounds interleaved over the models.
 """
 import copy
@@ -18,7 +18,7 @@ import torch
 from .. import data as gdata
 from ..checkpoint import load_model
 from ..distill import logits_pass_seconds
-from ..measure import evaluate, latency_ms, median_ms, param_count, size_on_disk
+from ..measure import evaluate, latency_rounds, median_ms, param_count, size_on_disk
 from .jobs import read_attempts
 from .plan import GROUPS, PRETRAINED_GROUPS, train_argv
 
@@ -175,17 +175,12 @@ def measure(a, plan, status, spec, train, dev, tokenizer) -> List[dict]:
             if q is not None:
                 timed["int8"] = q
         print(f"[study] measured {job.name}: acc {row['metrics']['accuracy']:.4f}", flush=True)
-    rounds = {key: [] for key in timed}
-    for _ in range(a.latency_rounds):
-        for key, model in timed.items():
-            rounds[key].append({b: latency_ms(model, b, a.latency_reps)
-                                for b in LATENCY_BATCHES})
+    rounds = latency_rounds(timed, LATENCY_BATCHES, a.latency_reps, a.latency_rounds)
     for row in runs:
         key = row.pop("_latency_key", None)
         if key in rounds:
-            row["latency_ms"] = {b: statistics.median(r[b] for r in rounds[key])
-                                 for b in LATENCY_BATCHES}
-            row["latency_rounds_ms"] = {b: [r[b] for r in rounds[key]] for b in LATENCY_BATCHES}
+            row["latency_ms"] = {b: statistics.median(v) for b, v in rounds[key].items()}
+            row["latency_rounds_ms"] = rounds[key]
             row["throughput"] = 32e3 / row["latency_ms"][32]
     return runs
 
