@@ -68,6 +68,42 @@ def test_two_trainers_at_once_one_refused(tmp_path, vocab):
     assert steps == list(range(1, 31))  # one run's log, not a mix
 
 
+def _race_for_the_lock(out, go, results):
+    """A child process: wait for the start signal, take the lock, hold it a moment."""
+    go.wait()
+    try:
+        rd = rundir.RunDir(out).acquire()
+    except RuntimeError as e:
+        results.put("refused" if "in use by another trainer" in str(e) else f"error: {e}")
+        return
+    results.put("ok")
+    time.sleep(0.3)  # every other racer decides while the lock is held
+    rd.release()
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_racing_trainers_exactly_one_takes_the_lock(tmp_path, stale):
+    """Four processes released at once on one --out, 10 times (with a stale lock of a dead
+    trainer there first, or none): exactly one holds the lock each time. Before the lock was
+    written whole, a racer could read it empty, take it for unreadable and remove it."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    for trial in range(10):
+        out = str(tmp_path / f"t{trial}")
+        if stale:
+            _lock(out, _dead_pid())
+        go, results = ctx.Event(), ctx.Queue()
+        ps = [ctx.Process(target=_race_for_the_lock, args=(out, go, results)) for _ in range(4)]
+        for p in ps:
+            p.start()
+        go.set()
+        got = sorted(results.get(timeout=60) for _ in ps)
+        for p in ps:
+            p.join(timeout=60)
+        assert got == ["ok", "refused", "refused", "refused"], (trial, got)
+        assert sorted(os.listdir(out)) == [], os.listdir(out)  # released, nothing left aside
+
+
 # -- item 2: no silent overwrite -----------------------------------------------------------
 
 def test_rerun_without_resume_is_refused_and_overwrite_is_consistent(tmp_path, vocab,

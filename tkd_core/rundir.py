@@ -4,8 +4,10 @@ log that matches the checkpoint.
     with RunDir(out, resume=..., overwrite=...) as rd:   # lock; refuse a finished/partial run
         log = rd.log(resume_step)                        # log.jsonl, cut back to the checkpoint
 
-- Lock: `<out>/.lock` holds the owner's pid and host, created exclusively; released on exit. A
-  lock whose pid is dead on this host is stale and taken over (a `kill -9` leaves one behind).
+- Lock: `<out>/.lock` holds the owner's pid and host, created whole and exclusively (a hard
+  link of a written file); released on exit. A lock whose pid is dead on this host is stale and
+  taken over (a `kill -9` leaves one behind); two trainers finding the same stale lock do not
+  remove each other's new one.
 - Guard: a directory that holds a run (checkpoint, summary, model or log) is refused unless the
   command says `--resume` (continue it) or `--overwrite` (delete the run's files first, so that
   no summary or model of the old run stays beside the new run's checkpoint).
@@ -46,29 +48,70 @@ class RunDir:
             return self
         os.makedirs(self.out, exist_ok=True)
         me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.time())
-        for _ in range(3):
+        for _ in range(5):
+            if self._create(me):
+                break
+            owner = self._owner()
+            if owner is None or self._stale(owner):
+                self._take_over(owner)  # a dead trainer's (or unreadable) lock
+                continue
+            raise RuntimeError(
+                f"--out {self.out} is in use by another trainer (pid {owner.get('pid')} on "
+                f"{owner.get('host')}, lock file {self.lock_path}); wait for it to finish or "
+                "choose another --out. If no such process exists, delete the lock file.")
+        else:
+            raise RuntimeError(f"could not take the lock {self.lock_path} (it keeps reappearing)")
+        self._locked = True
+        try:
+            self._guard()
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def _create(self, me: dict) -> bool:
+        """The lock file appears whole or not at all: written beside it, then hard-linked in
+        (a link fails if the name exists). Another trainer never reads a half-written lock,
+        which it would take for an unreadable one and take over."""
+        tmp = f"{self.lock_path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(me, f)
+        try:
+            os.link(tmp, self.lock_path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: exclusive create, then write
             try:
                 fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
-                if owner is None or self._stale(owner):
-                    self._remove_lock()  # a dead trainer's (or unreadable) lock: take it over
-                    continue
-                raise RuntimeError(
-                    f"--out {self.out} is in use by another trainer (pid {owner.get('pid')} on "
-                    f"{owner.get('host')}, lock file {self.lock_path}); wait for it to finish or "
-                    "choose another --out. If no such process exists, delete the lock file."
-                ) from None
+                return False
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
-            self._locked = True
+            return True
+        finally:
+            os.remove(tmp)
+
+    def _take_over(self, stale: Optional[dict]) -> None:
+        """Remove the stale lock `stale` (as read), and only it: it is moved aside first, and
+        put back if what was moved is another trainer's newer lock (two trainers found the same
+        stale lock; the first took it over and made its own)."""
+        aside = f"{self.lock_path}.{os.getpid()}.stale"
+        try:
+            os.rename(self.lock_path, aside)
+        except FileNotFoundError:
+            return  # someone else removed it: try to create again
+        try:
+            with open(aside) as f:
+                moved = json.load(f)
+        except (OSError, ValueError):
+            moved = None
+        if moved != stale:
             try:
-                self._guard()
-            except BaseException:
-                self.release()
-                raise
-            return self
-        raise RuntimeError(f"could not take the lock {self.lock_path} (it keeps reappearing)")
+                os.link(aside, self.lock_path)  # not the lock we judged: put it back
+            except OSError:
+                pass
+        os.remove(aside)
 
     def _owner(self) -> Optional[dict]:
         try:
