@@ -68,8 +68,9 @@ def test_two_trainers_at_once_one_refused(tmp_path, vocab):
     assert steps == list(range(1, 31))  # one run's log, not a mix
 
 
-def _race_for_the_lock(out, go, results):
-    """A child process: wait for the start signal, take the lock, hold it a moment."""
+def _race_for_the_lock(out, go, results, done):
+    """A child process: wait for the start signal, take the lock, hold it until every racer
+    has reported."""
     go.wait()
     try:
         rd = rundir.RunDir(out).acquire()
@@ -77,7 +78,7 @@ def _race_for_the_lock(out, go, results):
         results.put("refused" if "in use by another trainer" in str(e) else f"error: {e}")
         return
     results.put("ok")
-    time.sleep(0.3)  # every other racer decides while the lock is held
+    done.wait(60)
     rd.release()
 
 
@@ -92,12 +93,14 @@ def test_racing_trainers_exactly_one_takes_the_lock(tmp_path, stale):
         out = str(tmp_path / f"t{trial}")
         if stale:
             _lock(out, _dead_pid())
-        go, results = ctx.Event(), ctx.Queue()
-        ps = [ctx.Process(target=_race_for_the_lock, args=(out, go, results)) for _ in range(4)]
+        go, done, results = ctx.Event(), ctx.Event(), ctx.Queue()
+        ps = [ctx.Process(target=_race_for_the_lock, args=(out, go, results, done))
+              for _ in range(4)]
         for p in ps:
             p.start()
         go.set()
         got = sorted(results.get(timeout=60) for _ in ps)
+        done.set()
         for p in ps:
             p.join(timeout=60)
         assert got == ["ok", "refused", "refused", "refused"], (trial, got)
