@@ -99,15 +99,11 @@ int64_t release() {
 
 int64_t set_max_idle(int64_t bytes) {
   int64_t prev;
+  std::vector<Block> drop;  // idle blocks beyond the new cap go now, oldest first
   {
     std::lock_guard<std::mutex> g(mu);
     prev = max_idle;
     max_idle = std::max<int64_t>(bytes, 0);
-  }
-  // idle blocks beyond the new cap go now, oldest first
-  std::vector<Block> drop;
-  {
-    std::lock_guard<std::mutex> g(mu);
     size_t k = 0;
     while (idle_bytes > max_idle && k < idle.size()) {
       idle_bytes -= idle[k].bytes;

@@ -103,6 +103,10 @@ def empty(shape, *, dtype, device) -> torch.Tensor:
     so an element a kernel fails to write shows up in the test instead of passing by luck.
     """
     t = torch.empty(shape, dtype=dtype, device=device)
-    if poison_requested():
-        t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(dtype).min)
-    return t
+    return poison_(t) if poison_requested() else t
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """t filled, in place, with NaN (integers: their minimum): what `empty` hands out under
+    TKD_POISON_OUTPUTS=1, for buffers allocated elsewhere (tkd_core.int8's output pool)."""
+    return t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).min)

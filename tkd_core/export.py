@@ -18,11 +18,14 @@ Neither onnx, onnxscript nor onnxruntime is a dependency of tkd: without them th
 ImportError naming what to install, before any work.
 """
 import copy
+import logging
 import os
+import warnings
 
 import torch
 from torch import nn
 
+from .checkpoint import unwrap
 from .kernels import utils
 
 EXAMPLE_SHAPE = (2, 16)  # (batch, seq) traced; both dims exported as dynamic
@@ -76,16 +79,13 @@ def export_onnx(model: nn.Module, path: str, *, int8: bool = False, opset: int =
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    net = copy.deepcopy(model).cpu().eval().requires_grad_(False)
-    if hasattr(net, "_orig_mod"):  # torch.compile wrapper
-        net = net._orig_mod
+    net = copy.deepcopy(unwrap(model)).cpu().eval().requires_grad_(False)
     feed = example_inputs(net.config)
     names = list(feed)
     dims = {0: torch.export.Dim("batch"),
             1: torch.export.Dim("seq", max=net.config.max_positions)}
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        import warnings
         with warnings.catch_warnings(), torch.no_grad(), utils.reference_ops():
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(
@@ -94,8 +94,6 @@ def export_onnx(model: nn.Module, path: str, *, int8: bool = False, opset: int =
                 dynamic_shapes={n: dims for n in names})
             onnx_program.save(tmp)
         if int8:
-            import logging
-
             from onnxruntime.quantization import QuantType, quantize_dynamic
             level = logging.getLogger().level
             logging.getLogger().setLevel(logging.ERROR)  # its pre-processing advice

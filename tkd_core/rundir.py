@@ -34,6 +34,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _read_lock(path: str) -> Optional[dict]:
+    """A lock file's owner: {} if there is no such file, None if it is unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return None
+
+
 class RunDir:
     def __init__(self, out: str, resume: bool = False, overwrite: bool = False,
                  enabled: bool = True):
@@ -101,12 +112,7 @@ class RunDir:
             os.rename(self.lock_path, aside)
         except FileNotFoundError:
             return  # someone else removed it: try to create again
-        try:
-            with open(aside) as f:
-                moved = json.load(f)
-        except (OSError, ValueError):
-            moved = None
-        if moved != stale:
+        if _read_lock(aside) != stale:
             try:
                 os.link(aside, self.lock_path)  # not the lock we judged: put it back
             except OSError:
@@ -114,13 +120,7 @@ class RunDir:
         os.remove(aside)
 
     def _owner(self) -> Optional[dict]:
-        try:
-            with open(self.lock_path) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):
-            return None
+        return _read_lock(self.lock_path)
 
     @staticmethod
     def _stale(owner: dict) -> bool:

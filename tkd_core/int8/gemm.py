@@ -38,6 +38,7 @@ torch.library registration, the public ops, their torch references. What is buil
 beside it in tkd_core/int8/: `linear.py` (Int8Linear, quantize_model) and `embedding.py`.
 """
 import contextlib
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -127,7 +128,9 @@ def _threads() -> int:
 # outputs cost the same here); the pool starts at 8 MiB, where the kernel advises huge pages,
 # and smaller outputs stay with torch's allocator.
 POOL_MIN_BYTES = 8 << 20
-_POOL_MAX_IDLE = 256 << 20  # the extension's default cap on idle pooled bytes
+# the cap on idle pooled bytes (the extension's default), kept here so that cpu_output does not
+# ask the extension at every call; set_output_pool changes both
+_POOL_MAX_IDLE = _C.output_pool_stats()["max_idle_bytes"] if _C is not None else 0
 
 
 def set_output_pool(max_idle_bytes: int) -> int:
@@ -159,16 +162,11 @@ def cpu_output(shape, dtype: torch.dtype) -> torch.Tensor:
     output pool when it holds >= POOL_MIN_BYTES and the pool is on, else `utils.empty` (both
     poisoned under TKD_POISON_OUTPUTS=1). A pooled tensor's storage is not resizable
     (`resize_` to a larger size raises)."""
-    rows = 1
-    for d in shape[:-1]:
-        rows *= d
-    cols = shape[-1] if len(shape) else 1
+    rows, cols = math.prod(shape[:-1]), (shape[-1] if len(shape) else 1)
     if _POOL_MAX_IDLE == 0 or rows * cols * 4 < POOL_MIN_BYTES or _C is None:
         return utils.empty(tuple(shape), dtype=dtype, device="cpu")
     out = torch.from_dlpack(_C.pooled_output(rows, cols, dtype == torch.int32)).view(shape)
-    if utils.poison_requested():
-        out.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
-    return out
+    return utils.poison_(out) if utils.poison_requested() else out
 
 
 @contextlib.contextmanager
