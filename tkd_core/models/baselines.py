@@ -149,6 +149,11 @@ class CNNClassifier(SequenceClassifier):
         self.convs = nn.ModuleList(nn.Conv1d(cfg.hidden_size, cfg.cnn_maps, w)
                                    for w in KIM_WIDTHS)
         self._init()
+        for conv in self.convs:
+            # zero biases: PyTorch's default (uniform +-1/sqrt(E * w), ~0.14 at E=16) swamps the
+            # 0.02-std embeddings' products, so a map with a negative bias was below zero at every
+            # window of every sentence: ReLU + max-pooling gave it no gradient, dead for good
+            nn.init.zeros_(conv.bias)
 
     def features(self, x, lengths):
         S = x.shape[1]
