@@ -21,9 +21,12 @@ def test_lookup_is_exact_to_the_stored_int8(V, D):
     s = q.weight_scale.double()
     ref = w[ids] * s[ids, None]  # float64 dequantisation of the stored int8
     assert y.dtype == torch.float32 and torch.equal(y.double(), ref.float().double())
-    # within half a step of the fp32 table, per row; the padding and zero rows stay zero
-    err = (y - emb.weight.detach()[ids]).abs()
-    assert (err <= q.weight_scale[ids, None] / 2 + 1e-7).all()
+    # within half a step of the fp32 table, per row, plus float32 rounding of x / scale and of
+    # q * scale (2 ulp of x: a fixed 1e-7 was below one ulp of entries near 8, CI seed
+    # 922932063); the padding and zero rows stay zero
+    x = emb.weight.detach()[ids]
+    err = (y - x).abs()
+    assert (err <= q.weight_scale[ids, None] / 2 + 2.0 ** -22 * x.abs()).all()
     assert q.weight.dtype == torch.int8 and int(q.weight.abs().max()) <= 127
     if V > 2:
         assert q.weight_scale[2] == 0 and (q(torch.tensor([2])) == 0).all()
